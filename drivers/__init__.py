@@ -1,0 +1,1 @@
+"""Device drivers of qkdnode: one module per device family, each speaking one real protocol."""

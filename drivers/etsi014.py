@@ -1,0 +1,240 @@
+"""ETSI GS QKD 014 key client: the node as an SAE of a vendor KME (ID Quantique, Toshiba).
+
+Mutual TLS with hostname verification (`server_hostname` when the KME's certificate names a
+host and the config reaches it by IP); `status` read at connect and before each fetch so
+`number` and `size` stay inside what the KME allows; a timeout per call, retries with
+exponential backoff on timeouts, refused connections and 503; 400 and 401 raised at once as
+distinct errors. Key bits leave this module only inside KeyBlock objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import tomllib
+import uuid
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from qkdnode.errors import (
+    ConfigError,
+    DeviceProtocolError,
+    DeviceRejected,
+    DeviceUnauthorized,
+    DeviceUnavailable,
+)
+from qkdnode.interfaces import KeyBlock, SourceStatus
+from qkdnode.tlsutil import checked, client_context
+
+log = logging.getLogger("drivers.etsi014")
+
+PROFILES: dict[str, dict[str, Any]] = tomllib.loads(files("drivers").joinpath("etsi014_profiles.toml").read_text())
+_STATUS_INTS = ("key_size", "stored_key_count", "max_key_count", "max_key_per_request", "max_key_size",
+                "min_key_size")
+_SETTINGS = {"profile", "url", "peer_sae_id", "sae_id", "ca", "cert", "key", "server_hostname", "key_size",
+             "timeout", "retries", "backoff", "backoff_max", "auth_400_pattern"}
+
+
+class Etsi014KeySource:
+    """One end of a vendor QKD link, reached as an SAE over ETSI GS QKD 014."""
+
+    def __init__(self, *, url: str, peer_sae_id: str, ca: Path, cert: Path, key: Path, profile: str = "idq",
+                 sae_id: str | None = None, server_hostname: str | None = None, key_size: int | None = None,
+                 timeout: float, retries: int, backoff: float, backoff_max: float, auth_400_pattern: str = "",
+                 ssl_context=None):
+        self.name = f"etsi014/{profile}"
+        self.base = url.rstrip("/") + "/api/v1/keys"
+        self.peer_sae_id = peer_sae_id
+        self.sae_id = sae_id
+        self.server_hostname = server_hostname
+        self.wanted_key_size = key_size
+        self.timeout, self.retries = timeout, retries
+        self.backoff, self.backoff_max = backoff, backoff_max
+        self.auth_400_pattern = auth_400_pattern.lower()
+        self._ssl = ssl_context or client_context(ca, cert, key)
+        self._session: aiohttp.ClientSession | None = None
+        self.last_status: SourceStatus | None = None
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], *, file, key: str) -> "Etsi014KeySource":
+        def err(name: str, expected: str, found: object = None, missing: bool = False) -> ConfigError:
+            return ConfigError(file, f"{key}.{name}", expected, found, missing=missing)
+
+        for name in settings:
+            if name not in _SETTINGS:
+                raise err(name, f"one of {', '.join(sorted(_SETTINGS))}", settings[name])
+        profile = settings.get("profile", "idq")
+        if profile not in PROFILES:
+            raise err("profile", f"one of {', '.join(PROFILES)}", profile)
+        merged = {**PROFILES[profile], **settings}
+        for name in ("url", "peer_sae_id", "ca", "cert", "key"):
+            if not isinstance(merged.get(name), str) or not merged[name]:
+                raise err(name, "a non-empty string", merged.get(name), missing=name not in merged)
+        if not merged["url"].startswith("https://"):
+            raise err("url", "the KME's https:// base URL", merged["url"])
+        for name, kind in (("timeout", (int, float)), ("backoff", (int, float)), ("backoff_max", (int, float)),
+                           ("retries", int)):
+            if not isinstance(merged[name], kind) or isinstance(merged[name], bool) or merged[name] < 0:
+                raise err(name, "a non-negative number", merged[name])
+        ks = merged.get("key_size")
+        if ks is not None and (not isinstance(ks, int) or ks <= 0 or ks % 8):
+            raise err("key_size", "a positive multiple of 8 (bits)", ks)
+        paths = {n: Path(merged[n]) for n in ("ca", "cert", "key")}
+        ctx = checked(file, f"{key}.cert", client_context, paths["ca"], paths["cert"], paths["key"])
+        return cls(url=merged["url"], peer_sae_id=merged["peer_sae_id"], profile=profile,
+                   sae_id=merged.get("sae_id"), server_hostname=merged.get("server_hostname"), key_size=ks,
+                   timeout=float(merged["timeout"]), retries=merged["retries"], backoff=float(merged["backoff"]),
+                   backoff_max=float(merged["backoff_max"]), auth_400_pattern=merged["auth_400_pattern"],
+                   ssl_context=ctx, **paths)
+
+    # -- lifecycle
+
+    async def connect(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl, limit=8))
+        await self.status()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- the three calls
+
+    async def status(self) -> SourceStatus:
+        body = await self._call("GET", f"{self.peer_sae_id}/status")
+        if not isinstance(body, dict):
+            raise DeviceProtocolError(f"{self.base}: status is not a JSON object")
+        values = {}
+        for name in _STATUS_INTS:
+            v = body.get(name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise DeviceProtocolError(f"{self.base}: status field {name} should be a non-negative integer, "
+                                          f"found {v!r}")
+            values[name] = v
+        st = SourceStatus(**values)
+        if st.max_key_per_request < 1 or not st.min_key_size <= st.max_key_size:
+            raise DeviceProtocolError(f"{self.base}: status limits make no sense: {values}")
+        self.last_status = st
+        return st
+
+    def key_size(self, st: SourceStatus) -> int:
+        """The size we ask for: ours if set, else the KME's default; kept inside its limits."""
+        size = self.wanted_key_size or st.key_size
+        size = min(max(size, st.min_key_size), st.max_key_size)
+        return size - size % 8 if size >= 8 else 8
+
+    async def fetch_new(self, max_bits: int) -> list[KeyBlock]:
+        st = await self.status()
+        size = self.key_size(st)
+        number = min(st.max_key_per_request, st.stored_key_count, max(1, max_bits // size))
+        if number <= 0:
+            return []
+        body = await self._call("POST", f"{self.peer_sae_id}/enc_keys", {"number": number, "size": size})
+        return self._parse_keys(body, size, expect_ids=None)
+
+    async def fetch_by_ids(self, block_ids: list[str]) -> list[KeyBlock]:
+        st = self.last_status or await self.status()
+        out: list[KeyBlock] = []
+        for i in range(0, len(block_ids), st.max_key_per_request):
+            chunk = block_ids[i:i + st.max_key_per_request]
+            body = await self._call("POST", f"{self.peer_sae_id}/dec_keys",
+                                    {"key_IDs": [{"key_ID": k} for k in chunk]})
+            out.extend(self._parse_keys(body, None, expect_ids=chunk))
+        return out
+
+    # -- transport
+
+    async def _call(self, method: str, path: str, payload: Any = None) -> Any:
+        if self._session is None:
+            raise DeviceUnavailable(f"{self.base}: not connected")
+        url = f"{self.base}/{path}"
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._once(method, url, payload)
+            except DeviceUnavailable as exc:
+                if attempt == self.retries:
+                    raise
+                log.warning("%s %s: %s; retrying in %.1f s", method, url, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+
+    async def _once(self, method: str, url: str, payload: Any) -> Any:
+        try:
+            async with self._session.request(
+                method, url, json=payload, server_hostname=self.server_hostname,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+        except asyncio.TimeoutError:
+            raise DeviceUnavailable(f"{url}: no answer within {self.timeout} s") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise DeviceUnavailable(f"{url}: TLS: the KME's certificate was not accepted: {exc.certificate_error}") \
+                from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # Under TLS 1.3 a refused client certificate shows up here, not in the handshake.
+            raise DeviceUnavailable(f"{url}: connection dropped ({exc.__class__.__name__}); the KME may have "
+                                    "refused our client certificate") from None
+        except aiohttp.ClientError as exc:
+            raise DeviceUnavailable(f"{url}: {exc.__class__.__name__}: {exc}") from None
+        message = _error_message(text)
+        if status == 200:
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise DeviceProtocolError(f"{url}: 200 with a body that is not JSON") from None
+        if status == 401 or (status == 400 and self.auth_400_pattern and self.auth_400_pattern in message.lower()):
+            raise DeviceUnauthorized(f"{url}: {status}: {message}")
+        if status == 400:
+            raise DeviceRejected(f"{url}: 400: {message}")
+        if status == 503:
+            raise DeviceUnavailable(f"{url}: 503: {message}")
+        raise DeviceProtocolError(f"{url}: unexpected HTTP {status}: {message}")
+
+    def _parse_keys(self, body: Any, size: int | None, expect_ids: list[str] | None) -> list[KeyBlock]:
+        keys = body.get("keys") if isinstance(body, dict) else None
+        if not isinstance(keys, list):
+            raise DeviceProtocolError(f"{self.base}: key container without a 'keys' array")
+        blocks: dict[str, KeyBlock] = {}
+        for i, item in enumerate(keys):
+            if not isinstance(item, dict) or not isinstance(item.get("key_ID"), str) or \
+                    not isinstance(item.get("key"), str):
+                raise DeviceProtocolError(f"{self.base}: keys[{i}] lacks a string key_ID or key")
+            key_id = item["key_ID"]
+            try:
+                uuid.UUID(key_id)
+                bits = bytearray(base64.b64decode(item["key"], validate=True))
+            except (ValueError, binascii.Error):
+                raise DeviceProtocolError(f"{self.base}: keys[{i}] has a key_ID that is no UUID or a key that "
+                                          "is no base64") from None
+            if size is not None and len(bits) * 8 != size:
+                raise DeviceProtocolError(f"{self.base}: keys[{i}] has {len(bits) * 8} bits, asked for {size}")
+            if not bits or key_id in blocks:
+                raise DeviceProtocolError(f"{self.base}: keys[{i}] is empty or repeats a key_ID")
+            blocks[key_id] = KeyBlock(key_id, bits)
+        if expect_ids is not None:
+            if set(blocks) != set(expect_ids):
+                raise DeviceProtocolError(f"{self.base}: dec_keys answered other key_IDs than asked")
+            return [blocks[k] for k in expect_ids]
+        if not blocks:
+            raise DeviceProtocolError(f"{self.base}: enc_keys answered no keys")
+        return list(blocks.values())
+
+
+def _error_message(text: str) -> str:
+    """The `message` of an ETSI 014 Error object, or a short, printable excerpt of the body."""
+    try:
+        body = json.loads(text)
+        if isinstance(body, dict) and isinstance(body.get("message"), str):
+            return body["message"][:300]
+    except ValueError:
+        pass
+    return repr(text[:120])

@@ -1,0 +1,3 @@
+from qkdnode.cli import main
+
+raise SystemExit(main())

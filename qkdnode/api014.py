@@ -1,0 +1,247 @@
+"""Northbound ETSI GS QKD 014 v1.1.1: status, enc_keys and dec_keys (GET and POST) for SAEs.
+
+The caller's SAE ID is the commonName of its verified client certificate. An SAE may call
+only the node it is attached to (the SAE registry in the config). Every non-200 answer is an
+ETSI Error object. Requests are checked whole before anything changes: a bad request takes
+no key, and a 503 for lack of key takes none either.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from qkdnode.errors import (
+    CarveConflict,
+    NotYourKey,
+    PeerRejected,
+    PeerUnavailable,
+    PoolExhausted,
+    QkdnodeError,
+    UnknownKey,
+)
+from qkdnode.tlsutil import peer_identity
+
+if TYPE_CHECKING:
+    from qkdnode.node import Node
+
+log = logging.getLogger("qkdnode.api014")
+
+PREFIX = "/api/v1/keys"
+ENC_FIELDS = {"number", "size", "additional_slave_SAE_IDs", "extension_mandatory", "extension_optional"}
+DEC_FIELDS = {"key_IDs", "key_IDs_extension"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, **details: Any):
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.details = [details] if details else []
+
+
+def _error(status: int, message: str, details: list | None = None) -> web.Response:
+    body: dict[str, Any] = {"message": message}
+    if details:
+        body["details"] = details
+    return web.json_response(body, status=status)
+
+
+def make_api_app(node: "Node") -> web.Application:
+    cfg, metrics = node.cfg, node.metrics
+
+    @web.middleware
+    async def errors(request: web.Request, handler):
+        call = request.match_info.route.name or "other"
+        start = time.perf_counter()
+        try:
+            resp = await handler(request)
+        except ApiError as exc:
+            resp = _error(exc.status, exc.message, exc.details)
+        except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself: still an Error object
+            resp = _error(exc.status, exc.reason)
+        metrics.requests.labels(call, str(resp.status)).inc()
+        metrics.latency.labels(call).observe(time.perf_counter() - start)
+        return resp
+
+    def caller_of(request: web.Request) -> str:
+        sae = peer_identity(request.transport)
+        if sae is None or sae not in cfg.saes:
+            raise ApiError(401, f"the client certificate's identity {sae!r} is not a registered SAE")
+        if cfg.saes[sae] != cfg.node_id:
+            raise ApiError(401, f"SAE {sae} is attached to node {cfg.saes[sae]}, not to node {cfg.node_id}")
+        return sae
+
+    def pool_for(master: str, slaves: list[str]):
+        nodes = set()
+        for s in slaves:
+            if s not in cfg.saes:
+                raise ApiError(400, f"unknown SAE ID {s!r}", parameter="slave_SAE_ID", value=s)
+            nodes.add(cfg.saes[s])
+        if master in slaves:
+            raise ApiError(400, f"SAE {master} cannot be its own slave")
+        if cfg.node_id in nodes:
+            raise ApiError(400, "every slave SAE must be attached to another node than the master SAE's "
+                                f"(node {cfg.node_id})")
+        if len(nodes) > 1:
+            raise ApiError(400, f"all slave SAEs must be attached to one node; these are on {sorted(nodes)}")
+        peer = nodes.pop()
+        pool = node.pool_to(peer)
+        if pool is None:
+            raise ApiError(503, f"node {cfg.node_id} has no QKD link to node {peer}")
+        return pool
+
+    def limits_check(number: Any, size: Any, extra_slaves: list[str]) -> None:
+        k = cfg.keys
+        if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= k.max_key_per_request:
+            raise ApiError(400, f"number must be an integer from 1 to {k.max_key_per_request}", parameter="number",
+                           value=number)
+        if not isinstance(size, int) or isinstance(size, bool) or size % 8 or \
+                not k.min_key_size <= size <= k.max_key_size:
+            raise ApiError(400, f"size must be a multiple of 8 from {k.min_key_size} to {k.max_key_size} (bits)",
+                           parameter="size", value=size)
+        if len(extra_slaves) > k.max_SAE_ID_count:
+            raise ApiError(400, f"at most {k.max_SAE_ID_count} additional_slave_SAE_IDs",
+                           parameter="additional_slave_SAE_IDs")
+
+    async def body_of(request: web.Request, allowed: set[str]) -> dict:
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise ApiError(400, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        return body
+
+    def query_of(request: web.Request, allowed: set[str]) -> dict[str, str]:
+        unknown = sorted(set(request.query) - allowed)
+        if unknown:
+            raise ApiError(400, f"unknown query parameter(s) {unknown}; allowed: {sorted(allowed)}")
+        return dict(request.query)
+
+    def query_int(q: dict[str, str], name: str, default: int) -> int:
+        if name not in q:
+            return default
+        text = q[name]
+        if not text.isdigit():
+            raise ApiError(400, f"{name} must be a decimal integer", parameter=name, value=text)
+        return int(text)
+
+    # -- status
+
+    async def status(request: web.Request) -> web.Response:
+        master = caller_of(request)
+        slave = request.match_info["sae"]
+        pool = pool_for(master, [slave])
+        free = await pool.refresh_gauge()
+        k = cfg.keys
+        return web.json_response({
+            "source_KME_ID": cfg.node_id, "target_KME_ID": pool.cfg.peer,
+            "master_SAE_ID": master, "slave_SAE_ID": slave,
+            "key_size": k.key_size, "stored_key_count": free * 8 // k.key_size,
+            "max_key_count": pool.cfg.pool_target_bits // k.key_size,
+            "max_key_per_request": k.max_key_per_request, "max_key_size": k.max_key_size,
+            "min_key_size": k.min_key_size, "max_SAE_ID_count": k.max_SAE_ID_count,
+        })
+
+    # -- enc_keys
+
+    async def enc_keys(request: web.Request) -> web.Response:
+        master = caller_of(request)
+        slave = request.match_info["sae"]
+        extra: list[str] = []
+        if request.method == "GET":
+            q = query_of(request, {"number", "size"})
+            number, size = query_int(q, "number", 1), query_int(q, "size", cfg.keys.key_size)
+        else:
+            body = await body_of(request, ENC_FIELDS)
+            number, size = body.get("number", 1), body.get("size", cfg.keys.key_size)
+            extra = body.get("additional_slave_SAE_IDs", [])
+            if not isinstance(extra, list) or not all(isinstance(s, str) for s in extra) or \
+                    len(set(extra)) != len(extra) or slave in extra:
+                raise ApiError(400, "additional_slave_SAE_IDs must be an array of distinct SAE IDs other than "
+                                    "the slave in the path", parameter="additional_slave_SAE_IDs")
+            for name in ("extension_mandatory", "extension_optional"):
+                ext = body.get(name, [])
+                if not isinstance(ext, list) or not all(isinstance(e, dict) for e in ext):
+                    raise ApiError(400, f"{name} must be an array of objects", parameter=name)
+            mandatory = sorted({n for e in body.get("extension_mandatory", []) for n in e})
+            if mandatory:
+                raise ApiError(400, f"unsupported mandatory extension(s): {mandatory}",
+                               parameter="extension_mandatory")
+        limits_check(number, size, extra)
+        slaves = [slave, *extra]
+        pool = pool_for(master, slaves)
+        try:
+            handouts = await pool.hand_out(master, slaves, number, size)
+        except PoolExhausted as exc:
+            raise ApiError(503, f"not enough key: {exc}") from None
+        except (PeerUnavailable, PeerRejected, CarveConflict) as exc:
+            log.warning("enc_keys for %s: %s", master, exc)
+            raise ApiError(503, f"no key handed out: {exc}") from None
+        except QkdnodeError as exc:
+            log.error("enc_keys for %s: %s", master, exc)
+            raise ApiError(503, f"no key handed out: {exc}") from None
+        metrics.keys_served.labels("enc_keys").inc(len(handouts))
+        return web.json_response({"keys": [
+            {"key_ID": h.key_ID, "key": base64.b64encode(h.bits).decode("ascii")} for h in handouts]})
+
+    # -- dec_keys
+
+    async def dec_keys(request: web.Request) -> web.Response:
+        slave = caller_of(request)
+        master = request.match_info["sae"]
+        if request.method == "GET":
+            q = query_of(request, {"key_ID"})
+            if "key_ID" not in q:
+                raise ApiError(400, "key_ID is required", parameter="key_ID")
+            ids = [q["key_ID"]]
+        else:
+            body = await body_of(request, DEC_FIELDS)
+            items = body.get("key_IDs")
+            if not isinstance(items, list) or not items:
+                raise ApiError(400, "key_IDs must be a non-empty array", parameter="key_IDs")
+            if not all(isinstance(i, dict) and set(i) <= {"key_ID", "key_ID_extension"} for i in items):
+                raise ApiError(400, "each key_IDs entry is an object with key_ID", parameter="key_IDs")
+            ids = [i.get("key_ID") for i in items]
+        if len(ids) > cfg.keys.max_key_per_request:
+            raise ApiError(400, f"at most {cfg.keys.max_key_per_request} key_IDs per request", parameter="key_IDs")
+        for key_id in ids:
+            if not isinstance(key_id, str) or not _is_uuid(key_id):
+                raise ApiError(400, f"key_ID {key_id!r} is not a UUID", parameter="key_ID", value=str(key_id))
+        if len(set(ids)) != len(ids):
+            raise ApiError(400, "a key_ID is named twice", parameter="key_IDs")
+        if master not in cfg.saes:
+            raise ApiError(400, f"unknown master SAE ID {master!r}", parameter="master_SAE_ID")
+        try:
+            keys = await node.vault.run(node.vault.deliver, slave, master, ids)
+        except UnknownKey as exc:
+            raise ApiError(400, str(exc), parameter="key_ID", value=exc.key_id) from None
+        except NotYourKey as exc:
+            raise ApiError(401, str(exc), parameter="key_ID", value=exc.key_id) from None
+        metrics.keys_served.labels("dec_keys").inc(len(keys))
+        return web.json_response({"keys": [
+            {"key_ID": k, "key": base64.b64encode(bits).decode("ascii")} for k, bits in keys]})
+
+    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    app.router.add_get(PREFIX + "/{sae}/status", status, name="status")
+    app.router.add_route("GET", PREFIX + "/{sae}/enc_keys", enc_keys, name="enc_keys")
+    app.router.add_route("POST", PREFIX + "/{sae}/enc_keys", enc_keys)
+    app.router.add_route("GET", PREFIX + "/{sae}/dec_keys", dec_keys, name="dec_keys")
+    app.router.add_route("POST", PREFIX + "/{sae}/dec_keys", dec_keys)
+    return app
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text.lower()
+    except ValueError:
+        return False

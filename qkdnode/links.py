@@ -1,0 +1,319 @@
+"""A link's key pool at this node: getting key from the device, agreeing it with the peer
+node, and cutting keys for SAEs out of it.
+
+Agreement (the link's master end drives it): pull blocks from the local device with
+`fetch_new`, store them `pending`, offer their IDs with keyed digests to the peer; the peer
+pulls the same IDs from its own device, compares digests, stores the matching ones `ready`
+and answers per block; the master then marks them ready or discards them. A block that does
+not match is discarded at both ends and counted.
+
+Hand-out: only the link's master node decides which bits become which key, so the two ends
+never cut the same bits twice. A request at the master node is cut, committed, pushed to the
+peer (which cuts the same ranges and keeps the bits for the slave SAEs), and only then
+answered. A request at the other node asks the master node to cut (it keeps the bits for its
+slave SAEs), cuts the same ranges itself, commits, and answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+import uuid
+from hashlib import sha256
+
+from qkdnode.config import LinkConfig
+from qkdnode.errors import (
+    CarveConflict,
+    DeviceRejected,
+    DriverError,
+    PeerRejected,
+    PeerUnavailable,
+    PoolExhausted,
+    QkdnodeError,
+)
+from qkdnode.interfaces import KeySource
+from qkdnode.metrics import NodeMetrics
+from qkdnode.peer import BadMessage, PeerClient, field, ranges_of
+from qkdnode.vault import HandOut, Vault
+
+log = logging.getLogger("qkdnode.links")
+
+OUTBOX_RETRY_AFTER = 5.0  # seconds a pushed hand-out may stay unconfirmed before the retry loop sends it again
+
+
+def block_digest(salt: bytes, link: str, block_id: str, bits: bytes | bytearray) -> str:
+    """Keyed digest that lets two ends compare a block without revealing it (fresh salt per offer)."""
+    return hmac.new(salt, b"%s|%s|" % (link.encode(), block_id.encode()) + bytes(bits), sha256).hexdigest()[:32]
+
+
+class LinkPool:
+    def __init__(self, cfg: LinkConfig, node_id: str, vault: Vault, source: KeySource, peer: PeerClient,
+                 metrics: NodeMetrics):
+        self.cfg, self.node_id = cfg, node_id
+        self.vault, self.source, self.peer, self.metrics = vault, source, peer, metrics
+        self._tasks: list[asyncio.Task] = []
+        self._offer_lock = asyncio.Lock()
+        self._confirmed: list[str] = []  # outbox entries the peer acknowledged, removed lazily
+        self.device_ok = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.refresh_gauge()
+        if self.cfg.is_master:
+            self._tasks.append(asyncio.create_task(self._fill_loop(), name=f"fill {self.cfg.id}"))
+            self._tasks.append(asyncio.create_task(self._outbox_loop(), name=f"outbox {self.cfg.id}"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.source.close()
+
+    async def _ensure_device(self) -> None:
+        if not self.device_ok:
+            await self.source.connect()
+            self._device(True)
+
+    def _device(self, ok: bool) -> None:
+        self.device_ok = ok
+        self.metrics.driver_up.labels(self.cfg.id).set(1 if ok else 0)
+
+    async def refresh_gauge(self) -> int:
+        free = await self.vault.run(self.vault.free_bytes, self.cfg.id)
+        self.metrics.pool_ready_bits.labels(self.cfg.id).set(free * 8)
+        return free
+
+    # ------------------------------------------------------------ agreement, master side
+
+    async def _fill_loop(self) -> None:
+        backoff = self.cfg.fetch_interval
+        while True:
+            try:
+                await self._ensure_device()
+                await self.fill_once()
+                backoff = self.cfg.fetch_interval
+            except asyncio.CancelledError:
+                raise
+            except DriverError as exc:
+                self._device(False)
+                log.warning("link %s: device: %s", self.cfg.id, exc)
+                backoff = min(backoff * 2, 30.0)
+            except QkdnodeError as exc:
+                log.warning("link %s: %s", self.cfg.id, exc)
+                backoff = min(backoff * 2, 30.0)
+            except Exception:
+                log.exception("link %s: unexpected failure in the fill loop", self.cfg.id)
+                backoff = min(backoff * 2, 30.0)
+            await asyncio.sleep(backoff)
+
+    async def fill_once(self) -> None:
+        """Confirm blocks left pending (after a restart or a peer outage), then top the pool up."""
+        pending = await self.vault.run(self.vault.pending_blocks, self.cfg.id)
+        if pending:
+            await self._offer(pending)
+        held = await self.vault.run(self.vault.held_bytes, self.cfg.id)
+        want = self.cfg.pool_target_bits - held * 8
+        if want <= 0:
+            return
+        blocks = await self.source.fetch_new(want)
+        if not blocks:
+            return
+        await self.vault.run(self.vault.add_blocks, self.cfg.id, [(b.block_id, b.bits) for b in blocks], "pending")
+        await self._offer([(b.block_id, b.bits) for b in blocks])
+        for b in blocks:
+            b.wipe()
+
+    async def _offer(self, blocks: list[tuple[str, bytearray]]) -> None:
+        salt = secrets.token_bytes(16)
+        offers = [{"block_ID": bid, "size": len(bits), "digest": block_digest(salt, self.cfg.id, bid, bits)}
+                  for bid, bits in blocks]
+        for _, bits in blocks:
+            bits[:] = bytes(len(bits))
+        answer = await self.peer.call(self.cfg.id, "offer", {"salt": salt.hex(), "blocks": offers}, timeout=300)
+        results = answer.get("results")
+        if not isinstance(results, dict):
+            raise PeerRejected(f"link {self.cfg.id}: offer answer without results")
+        ready = [o["block_ID"] for o in offers if results.get(o["block_ID"]) == "ready"]
+        discard = {o["block_ID"]: str(results.get(o["block_ID"], "no answer"))[:40] for o in offers
+                   if o["block_ID"] not in ready}
+        # A block the peer did not answer for stays pending and is offered again.
+        discard = {k: v for k, v in discard.items() if v in ("mismatch", "unavailable")}
+        await self.vault.run(self.vault.settle_blocks, self.cfg.id, ready, discard)
+        self.metrics.blocks_ready.labels(self.cfg.id).inc(len(ready))
+        for reason in discard.values():
+            self.metrics.blocks_discarded.labels(self.cfg.id, reason).inc()
+        if discard:
+            log.warning("link %s: %d block(s) discarded at both ends (%s)", self.cfg.id, len(discard),
+                        ", ".join(sorted(set(discard.values()))))
+        await self.refresh_gauge()
+
+    # ------------------------------------------------------------ agreement, slave side
+
+    async def on_offer(self, body: dict) -> dict:
+        try:
+            salt = bytes.fromhex(field(body, "salt", str))
+        except ValueError:
+            raise BadMessage("salt is not hex") from None
+        offers = field(body, "blocks", list)
+        wanted: dict[str, tuple[int, str]] = {}
+        for o in offers:
+            if not isinstance(o, dict):
+                raise BadMessage("each offered block is an object")
+            wanted[field(o, "block_ID", str)] = (field(o, "size", int), field(o, "digest", str))
+        async with self._offer_lock:  # a retried offer waits for the first and finds its blocks ready
+            have = await self.vault.run(self.vault.ready_block_ids, self.cfg.id, list(wanted))
+            results = {bid: "ready" for bid in have}
+            todo = [bid for bid in wanted if bid not in have]
+            if todo:
+                await self._ensure_device()
+                fetched = await self._fetch_each(todo, results)
+                matching = []
+                for block in fetched:
+                    size, digest = wanted[block.block_id]
+                    ok = len(block.bits) == size and hmac.compare_digest(
+                        digest, block_digest(salt, self.cfg.id, block.block_id, block.bits))
+                    if ok:
+                        matching.append((block.block_id, bytes(block.bits)))
+                    results[block.block_id] = "ready" if ok else "mismatch"
+                    block.wipe()
+                await self.vault.run(self.vault.add_blocks, self.cfg.id, matching, "ready")
+                for bid, r in results.items():
+                    if r != "ready":
+                        self.metrics.blocks_discarded.labels(self.cfg.id, r).inc()
+                self.metrics.blocks_ready.labels(self.cfg.id).inc(len(matching))
+        await self.refresh_gauge()
+        return {"results": results}
+
+    async def _fetch_each(self, ids: list[str], results: dict[str, str]):
+        """All blocks at once; if the device refuses the batch, one by one to find the missing ones."""
+        try:
+            return await self.source.fetch_by_ids(ids)
+        except DeviceRejected:
+            pass
+        got = []
+        for bid in ids:
+            try:
+                got.extend(await self.source.fetch_by_ids([bid]))
+            except DeviceRejected:
+                results[bid] = "unavailable"
+        return got
+
+    # ------------------------------------------------------------ hand-out
+
+    async def hand_out(self, master: str, slaves: list[str], number: int, size_bits: int) -> list[HandOut]:
+        """Keys for a master SAE at this node and slave SAEs at the peer node, durable at both."""
+        nbytes = size_bits // 8
+        if self.cfg.is_master:
+            key_ids = [str(uuid.uuid4()) for _ in range(number)]
+            message = {"master": master, "slaves": slaves, "size": size_bits}
+            handouts = await self.vault.run(self.vault.carve, self.cfg.id, key_ids, nbytes, master, slaves, False,
+                                            message)
+            push = dict(message, keys=[{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts])
+            try:
+                await self.peer.call(self.cfg.id, "keys", push)
+            except (PeerUnavailable, PeerRejected, PoolExhausted) as exc:
+                await self.vault.run(self.vault.outbox_to_discard, key_ids)
+                raise PeerUnavailable(f"peer node {self.cfg.peer} could not take the keys ({exc}); "
+                                      "none were handed out") from None
+            self._confirmed.extend(key_ids)
+        else:
+            answer = await self.peer.call(self.cfg.id, "allocate",
+                                          {"master": master, "slaves": slaves, "number": number, "size": size_bits})
+            items = field(answer, "keys", list)
+            key_ids = [field(i, "key_ID", str) if isinstance(i, dict) else "" for i in items]
+            ranges = [ranges_of(i) for i in items]
+            if len(key_ids) != number:
+                raise PeerRejected(f"peer node {self.cfg.peer} allocated {len(key_ids)} keys, asked {number}")
+            try:
+                handouts = await self.vault.run(self.vault.apply_carve, self.cfg.id, key_ids, ranges, nbytes,
+                                                master, slaves, False)
+            except CarveConflict:
+                asyncio.create_task(self._discard_at_peer(items, "the other end could not cut these keys"))
+                raise
+        await self.refresh_gauge()
+        return handouts
+
+    async def _discard_at_peer(self, items: list[dict], reason: str) -> None:
+        try:
+            await self.peer.call(self.cfg.id, "discard", {"keys": items, "reason": reason})
+        except QkdnodeError as exc:
+            log.warning("link %s: could not ask the peer to discard %d key(s): %s", self.cfg.id, len(items), exc)
+
+    async def on_allocate(self, body: dict) -> dict:
+        """The peer's SAE is the master; our SAEs are the slaves and get the bits from us."""
+        if not self.cfg.is_master:
+            raise BadMessage(f"node {self.node_id} is not the master end of link {self.cfg.id}")
+        master, slaves = field(body, "master", str), self._slaves(body)
+        number, size = field(body, "number", int), field(body, "size", int)
+        if number < 1 or size < 8 or size % 8:
+            raise BadMessage("number >= 1 and size a positive multiple of 8 expected")
+        key_ids = [str(uuid.uuid4()) for _ in range(number)]
+        handouts = await self.vault.run(self.vault.carve, self.cfg.id, key_ids, size // 8, master, slaves, True)
+        await self.refresh_gauge()
+        return {"keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
+
+    async def on_keys(self, body: dict) -> dict:
+        """The link's master node cut keys for its SAE; keep the same bits for our slave SAEs."""
+        if self.cfg.is_master:
+            raise BadMessage(f"node {self.node_id} is the master end of link {self.cfg.id}; it cuts its own keys")
+        master, slaves, size = field(body, "master", str), self._slaves(body), field(body, "size", int)
+        items = field(body, "keys", list)
+        if size < 8 or size % 8:
+            raise BadMessage("size must be a positive multiple of 8")
+        key_ids = [field(i, "key_ID", str) if isinstance(i, dict) else "" for i in items]
+        ranges = [ranges_of(i) for i in items]
+        stored = await self.vault.run(self.vault.apply_carve, self.cfg.id, key_ids, ranges, size // 8, master,
+                                      slaves, True)
+        await self.refresh_gauge()
+        return {"stored": len(stored)}
+
+    async def on_discard(self, body: dict) -> dict:
+        reason = str(body.get("reason", "hand-out failed"))[:200]
+        items = field(body, "keys", list)
+        for item in items:
+            key_id = field(item, "key_ID", str) if isinstance(item, dict) else ""
+            await self.vault.run(self.vault.discard_key, self.cfg.id, key_id, ranges_of(item), reason)
+        await self.refresh_gauge()
+        return {"discarded": len(items)}
+
+    def _slaves(self, body: dict) -> list[str]:
+        slaves = field(body, "slaves", list)
+        if not slaves or not all(isinstance(s, str) for s in slaves):
+            raise BadMessage("slaves must be a non-empty array of SAE IDs")
+        return slaves
+
+    # ------------------------------------------------------------ outbox: pushes the peer must see
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.flush_outbox()
+            except asyncio.CancelledError:
+                raise
+            except QkdnodeError as exc:
+                log.warning("link %s: outbox: %s", self.cfg.id, exc)
+            except Exception:
+                log.exception("link %s: unexpected failure in the outbox loop", self.cfg.id)
+
+    async def flush_outbox(self, min_age: float = OUTBOX_RETRY_AFTER) -> None:
+        """Forget acknowledged pushes; send again those a crash or an outage left unconfirmed."""
+        done, self._confirmed = self._confirmed, []
+        if done:
+            await self.vault.run(self.vault.outbox_done, done)
+        items = await self.vault.run(self.vault.outbox_items, self.cfg.id)
+        now = time.time()
+        for key_id, kind, msg, created in items:
+            if kind == "keys" and (now - created < min_age or key_id in self._confirmed):
+                continue  # probably still in flight on the request's own path
+            item = {"key_ID": key_id, "ranges": msg["ranges"]}
+            if kind == "keys":
+                await self.peer.call(self.cfg.id, "keys", {**msg, "keys": [item]})
+            else:
+                await self.peer.call(self.cfg.id, "discard", {"keys": [item], "reason": "hand-out failed"})
+            await self.vault.run(self.vault.outbox_done, [key_id])

@@ -1,0 +1,104 @@
+"""The composition root: builds one node from its config and runs it.
+
+This is the one place that knows every concrete class: the vault, the drivers (found by name
+in the registry), the link pools, the peer channel and the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from qkdnode.api014 import make_api_app
+from qkdnode.config import Listen, NodeConfig
+from qkdnode.interfaces import load_driver
+from qkdnode.links import LinkPool
+from qkdnode.metrics import NodeMetrics
+from qkdnode.peer import PeerClient, make_peer_app
+from qkdnode.tlsutil import checked, client_context, server_context
+from qkdnode.vault import Vault, load_master_key
+
+log = logging.getLogger("qkdnode.node")
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.metrics = NodeMetrics(cfg.node_id)
+        self.vault = Vault(cfg.vault.path, load_master_key(cfg.vault))
+        t = cfg.tls
+        self.server_ssl = checked(cfg.file, "tls.cert", server_context, t.ca, t.cert, t.key)
+        client_ssl = checked(cfg.file, "tls.cert", client_context, t.ca, t.cert, t.key)
+        self.peers = {pid: PeerClient(p, client_ssl, self.metrics) for pid, p in cfg.peers.items()}
+        self.pools: dict[str, LinkPool] = {}
+        for i, link in enumerate(cfg.links):
+            source = load_driver(link.driver, link.settings, file=cfg.file, key=f"links[{i}].driver")
+            self.pools[link.id] = LinkPool(link, cfg.node_id, self.vault, source, self.peers[link.peer],
+                                           self.metrics)
+        self._runners: list[web.AppRunner] = []
+
+    def pool_to(self, node_id: str) -> LinkPool | None:
+        link = self.cfg.link_to(node_id)
+        return self.pools[link.id] if link else None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.vault.open, True)
+        for peer in self.peers.values():
+            await peer.start()
+        await self._serve(make_peer_app(self.cfg.node_id, self.pools), self.cfg.peer_listen, self.server_ssl)
+        await self._serve(make_api_app(self), self.cfg.api, self.server_ssl)
+        if self.cfg.metrics:
+            await self._serve(self._metrics_app(), self.cfg.metrics, None)
+        for pool in self.pools.values():
+            await pool.start()
+        log.info("node %s up: ETSI 014 on https://%s, peer channel on https://%s, %d link(s)",
+                 self.cfg.node_id, self.cfg.api, self.cfg.peer_listen, len(self.pools))
+
+    async def _serve(self, app: web.Application, where: Listen, ssl_context) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, where.host, where.port, ssl_context=ssl_context, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
+        self._runners.append(runner)
+
+    def _metrics_app(self) -> web.Application:
+        async def metrics(request: web.Request) -> web.Response:
+            body = generate_latest(self.metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    async def stop(self) -> None:
+        for pool in self.pools.values():
+            await pool.stop()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        for peer in self.peers.values():
+            await peer.close()
+        await asyncio.to_thread(self.vault.close)
+
+
+async def run_node(cfg: NodeConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly (open hand-outs finish, the vault closes)."""
+    node = Node(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    try:
+        await stop.wait()
+        log.info("node %s stopping", cfg.node_id)
+    finally:
+        await node.stop()

@@ -1,0 +1,146 @@
+"""The peer channel between two qkdnode daemons: HTTPS with mutual TLS, JSON messages.
+
+No key bits cross it. Messages carry block IDs with keyed digests (to agree which blocks are
+identical at both ends), and key_IDs with the byte ranges of blocks they are cut from (so
+the other end cuts the same bits). The caller's node ID is its certificate's commonName, and a
+link's messages are accepted only from that link's peer.
+
+    POST /peer/v1/links/{link}/offer     master -> slave: blocks to confirm by digest
+    POST /peer/v1/links/{link}/keys      link master -> other end: keys it allocated
+    POST /peer/v1/links/{link}/allocate  other end -> link master: allocate keys for my SAE
+    POST /peer/v1/links/{link}/discard   either way: forget keys whose hand-out failed
+    GET  /peer/v1/health
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from qkdnode.config import PeerConfig
+from qkdnode.errors import CarveConflict, PeerRejected, PeerUnavailable, PoolExhausted, QkdnodeError
+from qkdnode.tlsutil import peer_identity
+
+if TYPE_CHECKING:
+    from qkdnode.links import LinkPool
+
+log = logging.getLogger("qkdnode.peer")
+
+
+class PeerClient:
+    """Talks to one peer node. One session, our node certificate, the peer's URL from config."""
+
+    def __init__(self, cfg: PeerConfig, ssl_context, metrics=None):
+        self.cfg = cfg
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        self._metrics = metrics
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64))
+
+    async def close(self) -> None:
+        if self._session:
+            await self._session.close()
+            self._session = None
+
+    async def call(self, link: str, verb: str, body: dict, timeout: float = 15.0) -> dict:
+        url = f"{self.cfg.url}/peer/v1/links/{link}/{verb}"
+        try:
+            async with self._session.post(url, json=body, server_hostname=self.cfg.server_hostname,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                status = resp.status
+                try:
+                    answer = await resp.json(content_type=None)
+                except ValueError:
+                    answer = None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._up(0)
+            raise PeerUnavailable(f"peer node {self.cfg.node_id} ({url}): {exc.__class__.__name__} {exc}") from None
+        self._up(1)
+        if not isinstance(answer, dict):
+            raise PeerRejected(f"peer node {self.cfg.node_id}: HTTP {status} without a JSON object")
+        if status == 503:
+            raise PoolExhausted(str(answer.get("message", "peer has no key")))
+        if status != 200:
+            raise PeerRejected(f"peer node {self.cfg.node_id}: HTTP {status}: {answer.get('message')}")
+        return answer
+
+    def _up(self, value: int) -> None:
+        if self._metrics:
+            self._metrics.peer_up.labels(self.cfg.node_id).set(value)
+
+
+class BadMessage(QkdnodeError):
+    """A peer message that does not have the documented shape."""
+
+
+def make_peer_app(node_id: str, pools: dict[str, "LinkPool"]) -> web.Application:
+    """The server side of the peer channel: routes messages to the link pool they belong to."""
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"node": node_id})
+
+    async def link_call(request: web.Request) -> web.Response:
+        link_id, verb = request.match_info["link"], request.match_info["verb"]
+        pool = pools.get(link_id)
+        caller = peer_identity(request.transport)
+        if pool is None:
+            return _error(404, f"node {node_id} has no link {link_id!r}")
+        if caller != pool.cfg.peer:
+            return _error(403, f"link {link_id} belongs to node {pool.cfg.peer}; the caller is {caller!r}")
+        handler = {"offer": pool.on_offer, "keys": pool.on_keys, "allocate": pool.on_allocate,
+                   "discard": pool.on_discard}.get(verb)
+        if handler is None:
+            return _error(404, f"no peer call {verb!r}")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "body is not JSON")
+        if not isinstance(body, dict):
+            return _error(400, "body must be a JSON object")
+        try:
+            return web.json_response(await handler(body))
+        except BadMessage as exc:
+            return _error(400, str(exc))
+        except PoolExhausted as exc:
+            return _error(503, str(exc))
+        except CarveConflict as exc:
+            log.error("link %s: %s", link_id, exc)
+            return _error(409, str(exc))
+        except QkdnodeError as exc:
+            return _error(503, str(exc))
+
+    app = web.Application(client_max_size=1 << 20)
+    app.router.add_get("/peer/v1/health", health)
+    app.router.add_post("/peer/v1/links/{link}/{verb}", link_call)
+    return app
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"message": message}, status=status)
+
+
+# -- message checking, shared by the handlers in links.py
+
+def field(body: dict, name: str, kind: type | tuple[type, ...]) -> Any:
+    value = body.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadMessage(f"field {name!r} missing or of the wrong type")
+    return value
+
+
+def ranges_of(item: Any) -> list[tuple[str, int, int]]:
+    raw = item.get("ranges") if isinstance(item, dict) else None
+    if not isinstance(raw, list) or not raw:
+        raise BadMessage("each key needs a non-empty 'ranges' array")
+    out = []
+    for r in raw:
+        if not (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in r[1:]) and 0 <= r[1] < r[2]):
+            raise BadMessage("a range is [block_ID, start, end] with 0 <= start < end")
+        out.append((r[0], r[1], r[2]))
+    return out

@@ -1,0 +1,587 @@
+"""The node's key vault: SQLite (WAL, synchronous=FULL, secure_delete=ON), every key row sealed.
+
+Sealing: each row that holds key bits is sealed with AES-256-GCM under a random data key. The
+associated data binds the ciphertext to its table, link, IDs and bookkeeping columns, so a
+row cannot be swapped with another, moved to another link, or have its bookkeeping reset
+(which would re-serve used bits) without failing authentication. The data key is stored
+wrapped by the master key, which never lives in the database or the config.
+
+Concurrency: one writer thread owns the connection. Callers submit operations; the thread
+runs every operation waiting at that moment inside one transaction (each under its own
+savepoint, so one failure does not spoil the others) and one COMMIT, which is one fsync for
+the whole group. A caller's future resolves only after its COMMIT returned: the event loop
+never blocks on SQLite, and nothing is answered before it is durable.
+
+Lifecycle, all transitions in this module:
+  block  (link key from a driver):  pending (master only, until the peer confirmed the digest)
+                                     -> ready -> carved piece by piece -> row deleted
+  key    (handed to SAEs):          at the master SAE's node, an audit record only;
+                                     at the slaves' node, sealed bits until every slave has
+                                     fetched it -> row deleted, audit kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import queue
+import secrets
+import sqlite3
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import sqlite_utils
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from qkdnode.config import VaultConfig
+from qkdnode.errors import CarveConflict, NotYourKey, PoolExhausted, SealBroken, UnknownKey, VaultError
+
+log = logging.getLogger("qkdnode.vault")
+
+SCHEMA_VERSION = 1
+MASTER_KEY_BYTES = 32
+_NONCE = 12
+_MAX_GROUP = 512
+
+Range = tuple[str, int, int]  # (block_ID, start byte, end byte) of one piece of a key
+
+
+# ---------------------------------------------------------------- master key
+
+
+def load_master_key(cfg: VaultConfig) -> bytes:
+    """Read the master key from a systemd credential or a file only its owner can read."""
+    if cfg.master_key_credential:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise VaultError(
+                f"vault.master_key_credential = {cfg.master_key_credential!r} needs $CREDENTIALS_DIRECTORY "
+                "(set by systemd's LoadCredential=); it is not set"
+            )
+        return _read_master_key(Path(directory) / cfg.master_key_credential, check_mode=False)
+    return _read_master_key(cfg.master_key_file, check_mode=True)
+
+
+def _read_master_key(path: Path, check_mode: bool) -> bytes:
+    try:
+        st = path.stat()
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise VaultError(f"master key file {path}: {exc.strerror}") from None
+    if check_mode and st.st_mode & 0o077:
+        raise VaultError(
+            f"master key file {path}: expected permissions 0600 (owner only), found "
+            f"{stat.S_IMODE(st.st_mode):04o}; run: chmod 600 {path}"
+        )
+    text = raw.strip()
+    if len(raw) == MASTER_KEY_BYTES:
+        return raw
+    try:
+        key = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(key) != MASTER_KEY_BYTES:
+        raise VaultError(
+            f"master key file {path}: expected {MASTER_KEY_BYTES} raw bytes or {2 * MASTER_KEY_BYTES} hex digits, "
+            f"found {len(raw)} bytes of another form"
+        )
+    return key
+
+
+def create_master_key_file(path: Path) -> None:
+    """Write a fresh random master key as hex, mode 0600; refuses to overwrite an existing one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise VaultError(f"master key file {path} exists already; refusing to overwrite it") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_bytes(MASTER_KEY_BYTES).hex() + "\n")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _merge(ranges: Iterable[tuple[int, int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return out
+
+
+def _free(size: int, carved: list[list[int]]) -> list[tuple[int, int]]:
+    free, at = [], 0
+    for s, e in carved:
+        if s > at:
+            free.append((at, s))
+        at = max(at, e)
+    if at < size:
+        free.append((at, size))
+    return free
+
+
+def _zero(buf: bytearray) -> None:
+    buf[:] = bytes(len(buf))
+
+
+@dataclass(frozen=True)
+class HandOut:
+    """One key as carved: its ID, the block pieces it is made of, and its bits (never logged)."""
+
+    key_ID: str
+    ranges: list[Range]
+    bits: bytes
+
+    def __repr__(self) -> str:  # keep bits out of any repr that reaches a log
+        return f"HandOut(key_ID={self.key_ID!r}, {len(self.bits)} bytes)"
+
+
+# ---------------------------------------------------------------- the vault
+
+
+class Vault:
+    def __init__(self, path: Path, master_key: bytes):
+        if len(master_key) != MASTER_KEY_BYTES:
+            raise VaultError(f"master key: expected {MASTER_KEY_BYTES} bytes, found {len(master_key)}")
+        self.path = Path(path)
+        self._master = AESGCM(master_key)
+        self._aead: AESGCM | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.vault_id = ""
+
+    # -- opening
+
+    def open(self, create: bool = False) -> "Vault":
+        """Open (or create) the database and unwrap the data key. Blocking; call before serving."""
+        exists = self.path.exists()
+        if not exists and not create:
+            raise VaultError(f"vault {self.path} does not exist (create it with: qkdnode vault init --config FILE)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA secure_delete=ON")
+            conn.execute("PRAGMA foreign_keys=ON")
+            db = sqlite_utils.Database(conn)
+            if "meta" not in db.table_names():
+                if exists and db.table_names():
+                    raise VaultError(f"{self.path} is an SQLite file but not a qkdnode vault")
+                self._create_schema(db)
+            self._unlock(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise VaultError(f"vault {self.path}: {exc}") from None
+        except Exception:
+            conn.close()
+            raise
+        os.chmod(self.path, 0o600)
+        self._conn = conn
+        self._thread = threading.Thread(target=self._writer, name="vault-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _create_schema(self, db: sqlite_utils.Database) -> None:
+        conn = db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        db["meta"].create({"name": str, "value": bytes}, pk="name")
+        db["blocks"].create(
+            {"link": str, "block_id": str, "state": str, "size": int, "free": int, "carved": str,
+             "sealed": bytes, "created": float},
+            pk=("link", "block_id"),
+        )
+        db["blocks"].create_index(["link", "state", "created"])
+        db["keys"].create(
+            {"key_id": str, "link": str, "master_sae": str, "slaves": str, "pending": str,
+             "size_bits": int, "sealed": bytes, "created": float},
+            pk="key_id",
+        )
+        db["audit"].create(
+            {"id": int, "ts": float, "event": str, "key_id": str, "sae": str, "link": str,
+             "size_bits": int, "detail": str},
+            pk="id",
+        )
+        db["audit"].create_index(["key_id"])
+        db["outbox"].create({"key_id": str, "link": str, "kind": str, "message": str, "created": float},
+                            pk="key_id")
+        vault_id = secrets.token_hex(16)
+        data_key = AESGCM.generate_key(256)
+        nonce = secrets.token_bytes(_NONCE)
+        wrapped = nonce + self._master.encrypt(nonce, data_key, self._wrap_aad(vault_id))
+        db["meta"].insert_all([
+            {"name": "schema_version", "value": str(SCHEMA_VERSION).encode()},
+            {"name": "vault_id", "value": vault_id.encode()},
+            {"name": "data_key", "value": wrapped},
+        ])
+        conn.execute("COMMIT")
+        log.warning("created a new vault at %s", self.path)
+
+    @staticmethod
+    def _wrap_aad(vault_id: str) -> bytes:
+        return b"qkdnode-vault|data-key|" + vault_id.encode()
+
+    def _unlock(self, conn: sqlite3.Connection) -> None:
+        meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+        version = int(meta.get("schema_version", b"0"))
+        if version != SCHEMA_VERSION:
+            raise VaultError(f"vault {self.path}: schema version {version}, this qkdnode reads {SCHEMA_VERSION}")
+        self.vault_id = meta["vault_id"].decode()
+        wrapped = meta["data_key"]
+        try:
+            data_key = self._master.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], self._wrap_aad(self.vault_id))
+        except InvalidTag:
+            raise VaultError(f"vault {self.path}: the master key does not open this vault (wrong key file?)") from None
+        self._aead = AESGCM(data_key)
+
+    def close(self) -> None:
+        if self._thread:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._conn:
+            self._conn.close()
+            self._conn = None
+
+    # -- sealing
+
+    def _seal(self, aad: bytes, data: bytes | bytearray) -> bytes:
+        nonce = secrets.token_bytes(_NONCE)
+        return nonce + self._aead.encrypt(nonce, bytes(data), aad)
+
+    def _open(self, aad: bytes, blob: bytes, what: str) -> bytearray:
+        try:
+            return bytearray(self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], aad))
+        except InvalidTag:
+            raise SealBroken(f"{what} failed authentication: the row was altered, swapped or moved") from None
+
+    @staticmethod
+    def _block_aad(link: str, block_id: str, state: str, size: int, carved: str) -> bytes:
+        return json.dumps(["blocks", link, block_id, state, size, carved]).encode()
+
+    @staticmethod
+    def _key_aad(key_id: str, link: str, master: str, slaves: str, pending: str, size_bits: int) -> bytes:
+        return json.dumps(["keys", key_id, link, master, slaves, pending, size_bits]).encode()
+
+    # -- the writer thread (group commit)
+
+    async def run(self, op: Callable[..., Any], *args: Any) -> Any:
+        """Run op(*args) in the writer thread inside a group transaction; return after COMMIT."""
+        if self._thread is None:
+            raise VaultError("vault is not open")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((op, args, fut))
+        return await asyncio.wrap_future(fut)
+
+    def _writer(self) -> None:
+        conn = self._conn
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < _MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            outcomes = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for op, args, fut in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        result = op(*args)
+                        conn.execute("RELEASE op")
+                        outcomes.append((fut, result, None))
+                    except Exception as exc:  # the op's own failure: undo just its writes
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        outcomes.append((fut, None, exc))
+                conn.execute("COMMIT")
+            except Exception as exc:  # the commit itself failed: nothing of the group is durable
+                log.error("vault commit failed: %s", exc)
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                outcomes = [(fut, None, VaultError(f"vault commit failed: {exc}")) for _, _, fut in batch]
+            for fut, result, exc in outcomes:
+                if exc is None:
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(exc)
+            if stop:
+                return
+
+    def _audit(self, event: str, key_id: str | None, sae: str | None, link: str | None,
+               size_bits: int | None, detail: str = "") -> None:
+        self._conn.execute(
+            "INSERT INTO audit (ts, event, key_id, sae, link, size_bits, detail) VALUES (?,?,?,?,?,?,?)",
+            (time.time(), event, key_id, sae, link, size_bits, detail),
+        )
+
+    # ------------------------------------------------------------ block transitions
+    # Each method below runs in the writer thread (call it through `run`).
+
+    def add_blocks(self, link: str, blocks: list[tuple[str, bytes]], state: str) -> list[str]:
+        """Store link key blocks as `pending` (master, before the peer confirmed) or `ready`.
+        Blocks already held are left as they are; returns the IDs newly stored."""
+        added, now = [], time.time()
+        for block_id, bits in blocks:
+            if self._conn.execute("SELECT 1 FROM blocks WHERE link=? AND block_id=?", (link, block_id)).fetchone():
+                continue
+            size = len(bits)
+            sealed = self._seal(self._block_aad(link, block_id, state, size, "[]"), bits)
+            self._conn.execute(
+                "INSERT INTO blocks (link, block_id, state, size, free, carved, sealed, created) VALUES (?,?,?,?,?,?,?,?)",
+                (link, block_id, state, size, size, "[]", sealed, now),
+            )
+            added.append(block_id)
+            if state == "ready":
+                self._audit("block_ready", None, None, link, size * 8, block_id)
+        return added
+
+    def pending_blocks(self, link: str) -> list[tuple[str, bytearray]]:
+        rows = self._conn.execute(
+            "SELECT block_id, size, carved, sealed FROM blocks WHERE link=? AND state='pending' ORDER BY created, rowid",
+            (link,),
+        ).fetchall()
+        return [(bid, self._open(self._block_aad(link, bid, "pending", size, carved), sealed, f"block {bid}"))
+                for bid, size, carved, sealed in rows]
+
+    def ready_block_ids(self, link: str, block_ids: list[str]) -> set[str]:
+        found = set()
+        for bid in block_ids:
+            if self._conn.execute("SELECT 1 FROM blocks WHERE link=? AND block_id=? AND state='ready'",
+                                  (link, bid)).fetchone():
+                found.add(bid)
+        return found
+
+    def settle_blocks(self, link: str, ready: list[str], discard: dict[str, str]) -> None:
+        """Master side, after the peer answered: pending -> ready, or discarded with a reason."""
+        for bid in ready:
+            row = self._conn.execute(
+                "SELECT size, carved, sealed FROM blocks WHERE link=? AND block_id=? AND state='pending'",
+                (link, bid)).fetchone()
+            if row is None:
+                continue
+            size, carved, sealed = row
+            bits = self._open(self._block_aad(link, bid, "pending", size, carved), sealed, f"block {bid}")
+            self._conn.execute(
+                "UPDATE blocks SET state='ready', sealed=? WHERE link=? AND block_id=?",
+                (self._seal(self._block_aad(link, bid, "ready", size, carved), bits), link, bid))
+            _zero(bits)
+            self._audit("block_ready", None, None, link, size * 8, bid)
+        for bid, reason in discard.items():
+            cur = self._conn.execute("DELETE FROM blocks WHERE link=? AND block_id=? AND state='pending'", (link, bid))
+            if cur.rowcount:
+                self._audit("block_discarded", None, None, link, None, f"{bid}: {reason}")
+
+    def free_bytes(self, link: str) -> int:
+        row = self._conn.execute("SELECT COALESCE(SUM(free), 0) FROM blocks WHERE link=? AND state='ready'",
+                                 (link,)).fetchone()
+        return row[0]
+
+    def held_bytes(self, link: str) -> int:
+        """Ready and pending key of a link: what the master counts against its pool target."""
+        row = self._conn.execute("SELECT COALESCE(SUM(free), 0) FROM blocks WHERE link=?", (link,)).fetchone()
+        return row[0]
+
+    # ------------------------------------------------------------ carving keys out of blocks
+
+    def _take(self, link: str, pieces: dict[str, list[tuple[int, int]]]) -> dict[tuple[str, int, int], bytes]:
+        """Cut the given byte ranges out of ready blocks: return their bits, zero them in the
+        stored block (re-sealed, bound to the new bookkeeping), delete blocks used up."""
+        out: dict[tuple[str, int, int], bytes] = {}
+        for bid, ranges in pieces.items():
+            row = self._conn.execute(
+                "SELECT size, carved, sealed FROM blocks WHERE link=? AND block_id=? AND state='ready'",
+                (link, bid)).fetchone()
+            if row is None:
+                raise CarveConflict(f"link {link}: block {bid} is not a ready block of this node")
+            size, carved_json, sealed = row
+            carved = json.loads(carved_json)
+            for s, e in ranges:
+                if not (0 <= s < e <= size) or any(s < ce and cs < e for cs, ce in carved):
+                    raise CarveConflict(f"link {link}: bytes {s}..{e} of block {bid} are used or out of range")
+            bits = self._open(self._block_aad(link, bid, "ready", size, carved_json), sealed, f"block {bid}")
+            for s, e in ranges:
+                out[(bid, s, e)] = bytes(bits[s:e])
+                bits[s:e] = bytes(e - s)
+            new_carved = _merge([tuple(c) for c in carved] + list(ranges))
+            free = size - sum(e - s for s, e in new_carved)
+            if free == 0:
+                self._conn.execute("DELETE FROM blocks WHERE link=? AND block_id=?", (link, bid))
+            else:
+                cj = json.dumps(new_carved)
+                self._conn.execute(
+                    "UPDATE blocks SET carved=?, free=?, sealed=? WHERE link=? AND block_id=?",
+                    (cj, free, self._seal(self._block_aad(link, bid, "ready", size, cj), bits), link, bid))
+            _zero(bits)
+        return out
+
+    def _record(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
+                slaves: list[str], store: bool, outbox_message: dict | None) -> list[HandOut]:
+        pieces: dict[str, list[tuple[int, int]]] = {}
+        for key_ranges in ranges:
+            for bid, s, e in key_ranges:
+                pieces.setdefault(bid, []).append((s, e))
+        taken = self._take(link, pieces)
+        slaves_json = json.dumps(sorted(slaves))
+        now = time.time()
+        result = []
+        for key_id, key_ranges in zip(key_ids, ranges):
+            bits = b"".join(taken[(bid, s, e)] for bid, s, e in key_ranges)
+            if len(bits) != nbytes:
+                raise CarveConflict(f"key {key_id}: pieces add up to {len(bits)} bytes, expected {nbytes}")
+            if store:  # this node serves the slaves: keep the bits, sealed, until each has fetched them
+                aad = self._key_aad(key_id, link, master, slaves_json, slaves_json, nbytes * 8)
+                self._conn.execute(
+                    "INSERT INTO keys (key_id, link, master_sae, slaves, pending, size_bits, sealed, created) "
+                    "VALUES (?,?,?,?,?,?,?,?)",
+                    (key_id, link, master, slaves_json, slaves_json, nbytes * 8, self._seal(aad, bits), now))
+                self._audit("key_stored", key_id, master, link, nbytes * 8, slaves_json)
+            else:  # this node serves the master SAE, which gets the bits in the answer
+                self._audit("key_issued", key_id, master, link, nbytes * 8, slaves_json)
+            if outbox_message is not None:
+                msg = dict(outbox_message, key_ID=key_id, ranges=key_ranges)
+                self._conn.execute("INSERT INTO outbox (key_id, link, kind, message, created) VALUES (?,?,?,?,?)",
+                                   (key_id, link, "keys", json.dumps(msg), now))
+            result.append(HandOut(key_id, key_ranges, bits))
+        return result
+
+    def carve(self, link: str, key_ids: list[str], nbytes: int, master: str, slaves: list[str], store: bool,
+              outbox: dict | None = None) -> list[HandOut]:
+        """Allocate fresh keys from the oldest ready key of a link (the link's master node does
+        this, and only it, so the two ends never hand out the same bits). All or nothing: with
+        too little ready key, raises PoolExhausted and changes nothing."""
+        need = nbytes * len(key_ids)
+        if self.free_bytes(link) < need:
+            raise PoolExhausted(f"link {link}: {need * 8} bits asked, {self.free_bytes(link) * 8} ready")
+        rows = self._conn.execute(
+            "SELECT block_id, size, carved FROM blocks WHERE link=? AND state='ready' ORDER BY created, rowid",
+            (link,))
+        ranges: list[list[Range]] = []
+        current: list[Range] = []
+        want = nbytes
+        for bid, size, carved in rows:
+            for s, e in _free(size, json.loads(carved)):
+                while s < e and len(ranges) < len(key_ids):
+                    n = min(want, e - s)
+                    current.append((bid, s, s + n))
+                    s += n
+                    want -= n
+                    if want == 0:
+                        ranges.append(current)
+                        current, want = [], nbytes
+            if len(ranges) == len(key_ids):
+                break
+        return self._record(link, key_ids, ranges, nbytes, master, slaves, store, outbox)
+
+    def apply_carve(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
+                    slaves: list[str], store: bool) -> list[HandOut]:
+        """The other end of a link: cut exactly the pieces the link's master node named. A key
+        already recorded here (a repeated message) is not cut again."""
+        todo = [(k, r) for k, r in zip(key_ids, ranges) if not self._known_key(k)]
+        if not todo:
+            return []
+        return self._record(link, [k for k, _ in todo], [[tuple(p) for p in r] for _, r in todo], nbytes,
+                            master, slaves, store, None)
+
+    def _known_key(self, key_id: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM audit WHERE key_id=? LIMIT 1", (key_id,)).fetchone() is not None
+
+    def discard_key(self, link: str, key_id: str, ranges: list[Range], reason: str) -> None:
+        """A hand-out that never reached its master SAE: delete the key, or zero its pieces."""
+        cur = self._conn.execute("DELETE FROM keys WHERE key_id=? AND link=?", (key_id, link))
+        if cur.rowcount:
+            self._audit("key_discarded", key_id, None, link, None, reason)
+            return
+        if self._known_key(key_id):
+            return
+        pieces: dict[str, list[tuple[int, int]]] = {}
+        for bid, s, e in ranges:
+            pieces.setdefault(bid, []).append((s, e))
+        try:
+            self._take(link, pieces)
+        except CarveConflict:
+            return  # already gone at this end: nothing left to zero
+        self._audit("key_discarded", key_id, None, link, None, reason)
+
+    # ------------------------------------------------------------ keys for slave SAEs
+
+    def deliver(self, slave: str, master: str, key_ids: list[str]) -> list[tuple[str, bytes]]:
+        """dec_keys: hand each named key to a slave SAE, once. All or nothing: any unknown ID
+        or any key not meant for this slave raises and changes nothing."""
+        out = []
+        for key_id in key_ids:
+            row = self._conn.execute(
+                "SELECT link, master_sae, slaves, pending, size_bits, sealed FROM keys WHERE key_id=?",
+                (key_id,)).fetchone()
+            if row is None:
+                raise UnknownKey(key_id, self._known_key(key_id))
+            link, key_master, slaves_json, pending_json, size_bits, sealed = row
+            pending = json.loads(pending_json)
+            if slave not in json.loads(slaves_json) or key_master != master:
+                raise NotYourKey(key_id)
+            if slave not in pending:
+                raise UnknownKey(key_id, True)
+            aad = self._key_aad(key_id, link, key_master, slaves_json, pending_json, size_bits)
+            bits = self._open(aad, sealed, f"key {key_id}")
+            pending.remove(slave)
+            self._audit("key_delivered", key_id, slave, link, size_bits, "")
+            if pending:
+                pj = json.dumps(pending)
+                self._conn.execute(
+                    "UPDATE keys SET pending=?, sealed=? WHERE key_id=?",
+                    (pj, self._seal(self._key_aad(key_id, link, key_master, slaves_json, pj, size_bits), bits),
+                     key_id))
+            else:
+                self._conn.execute("DELETE FROM keys WHERE key_id=?", (key_id,))
+                self._audit("key_consumed", key_id, None, link, size_bits, "")
+            out.append((key_id, bytes(bits)))
+            _zero(bits)
+        return out
+
+    # ------------------------------------------------------------ outbox (messages the peer must get)
+
+    def outbox_items(self, link: str) -> list[tuple[str, str, dict, float]]:
+        rows = self._conn.execute("SELECT key_id, kind, message, created FROM outbox WHERE link=? ORDER BY created",
+                                  (link,)).fetchall()
+        return [(k, kind, json.loads(m), created) for k, kind, m, created in rows]
+
+    def outbox_done(self, key_ids: list[str]) -> None:
+        self._conn.executemany("DELETE FROM outbox WHERE key_id=?", [(k,) for k in key_ids])
+
+    def outbox_to_discard(self, key_ids: list[str]) -> None:
+        self._conn.executemany("UPDATE outbox SET kind='discard' WHERE key_id=?", [(k,) for k in key_ids])
+
+    # ------------------------------------------------------------ reading
+
+    def counts(self) -> dict[str, Any]:
+        c = self._conn
+        return {
+            "blocks": {f"{link}/{state}": n for link, state, n in
+                       c.execute("SELECT link, state, COUNT(*) FROM blocks GROUP BY link, state")},
+            "ready_bits": {link: free * 8 for link, free in
+                           c.execute("SELECT link, SUM(free) FROM blocks WHERE state='ready' GROUP BY link")},
+            "keys_waiting": c.execute("SELECT COUNT(*) FROM keys").fetchone()[0],
+            "outbox": c.execute("SELECT COUNT(*) FROM outbox").fetchone()[0],
+        }
+
