@@ -10,6 +10,7 @@ It is written (atomically) only once every node answers, and again when a node i
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import shutil
@@ -35,6 +36,12 @@ def free_port(host: str = HOST) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the testbed dies, so no node outlives a killed demo."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _server_ssl(pki: ThrowawayPKI, cred: Credential) -> ssl.SSLContext:
@@ -173,7 +180,8 @@ key = "{kme_client.key}"
         n = self.nodes[name]
         logf = open(n.log, "ab")
         n.proc = subprocess.Popen([sys.executable, "-m", "qkdnode", "run", "--config", str(n.config)],
-                                  stdout=logf, stderr=subprocess.STDOUT, cwd=n.config.parent)
+                                  stdout=logf, stderr=subprocess.STDOUT, cwd=n.config.parent,
+                                  preexec_fn=_die_with_parent)
         logf.close()
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
