@@ -3,8 +3,8 @@
 Mutual TLS with hostname verification (`server_hostname` when the KME's certificate names a
 host and the config reaches it by IP); `status` read at connect and before each fetch so
 `number` and `size` stay inside what the KME allows; a timeout per call, retries with
-exponential backoff on timeouts, refused connections and 503; 400 and 401 raised at once as
-distinct errors. Key bits leave this module only inside KeyBlock objects.
+exponential backoff on timeouts, refused connections and 503; 400, 401 and a KME certificate
+that fails verification raised at once as distinct errors. Key bits leave this module only inside KeyBlock objects.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from qkdnode.errors import (
     DeviceRejected,
     DeviceUnauthorized,
     DeviceUnavailable,
+    DeviceUntrusted,
 )
 from qkdnode.interfaces import KeyBlock, SourceStatus
 from qkdnode.tlsutil import checked, client_context
@@ -62,17 +63,20 @@ class Etsi014KeySource:
         self.last_status: SourceStatus | None = None
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any], *, file, key: str) -> "Etsi014KeySource":
+    def check_settings(cls, settings: dict[str, Any], *, file, key: str) -> dict[str, Any]:
+        """Names, types and the profile of a link's settings, merged over the profile's defaults.
+        Touches no file: `qkdnode check-config --no-files` runs it on a staging host."""
         def err(name: str, expected: str, found: object = None, missing: bool = False) -> ConfigError:
             return ConfigError(file, f"{key}.{name}", expected, found, missing=missing)
 
         for name in settings:
             if name not in _SETTINGS:
-                raise err(name, f"one of {', '.join(sorted(_SETTINGS))}", settings[name])
+                raise ConfigError(file, f"{key}.{name}", f"one of {', '.join(sorted(_SETTINGS))}",
+                                  shown="a setting this driver does not know (its value is not shown)")
         profile = settings.get("profile", "idq")
         if profile not in PROFILES:
             raise err("profile", f"one of {', '.join(PROFILES)}", profile)
-        merged = {**PROFILES[profile], **settings}
+        merged = {**PROFILES[profile], **settings, "profile": profile}
         for name in ("url", "peer_sae_id", "ca", "cert", "key"):
             if not isinstance(merged.get(name), str) or not merged[name]:
                 raise err(name, "a non-empty string", merged.get(name), missing=name not in merged)
@@ -83,15 +87,23 @@ class Etsi014KeySource:
             if not isinstance(merged[name], kind) or isinstance(merged[name], bool) or merged[name] < 0:
                 raise err(name, "a non-negative number", merged[name])
         ks = merged.get("key_size")
-        if ks is not None and (not isinstance(ks, int) or ks <= 0 or ks % 8):
+        if ks is not None and (not isinstance(ks, int) or isinstance(ks, bool) or ks <= 0 or ks % 8):
             raise err("key_size", "a positive multiple of 8 (bits)", ks)
-        paths = {n: Path(merged[n]) for n in ("ca", "cert", "key")}
-        ctx = checked(file, f"{key}.cert", client_context, paths["ca"], paths["cert"], paths["key"])
-        return cls(url=merged["url"], peer_sae_id=merged["peer_sae_id"], profile=profile,
-                   sae_id=merged.get("sae_id"), server_hostname=merged.get("server_hostname"), key_size=ks,
-                   timeout=float(merged["timeout"]), retries=merged["retries"], backoff=float(merged["backoff"]),
-                   backoff_max=float(merged["backoff_max"]), auth_400_pattern=merged["auth_400_pattern"],
-                   ssl_context=ctx, **paths)
+        for name in ("sae_id", "server_hostname", "auth_400_pattern"):
+            if name in merged and not isinstance(merged[name], str):
+                raise err(name, "a string", merged[name])
+        return merged
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], *, file, key: str) -> "Etsi014KeySource":
+        m = cls.check_settings(settings, file=file, key=key)
+        paths = {n: Path(m[n]) for n in ("ca", "cert", "key")}
+        ctx = checked(file, client_context, *((f"{key}.{n}", paths[n]) for n in ("ca", "cert", "key")))
+        return cls(url=m["url"], peer_sae_id=m["peer_sae_id"], profile=m["profile"], sae_id=m.get("sae_id"),
+                   server_hostname=m.get("server_hostname"), key_size=m.get("key_size"),
+                   timeout=float(m["timeout"]), retries=m["retries"], backoff=float(m["backoff"]),
+                   backoff_max=float(m["backoff_max"]), auth_400_pattern=m["auth_400_pattern"], ssl_context=ctx,
+                   **paths)
 
     # -- lifecycle
 
@@ -133,7 +145,7 @@ class Etsi014KeySource:
     async def fetch_new(self, max_bits: int) -> list[KeyBlock]:
         st = await self.status()
         size = self.key_size(st)
-        number = min(st.max_key_per_request, st.stored_key_count, max(1, max_bits // size))
+        number = min(st.max_key_per_request, st.stored_key_count * st.key_size // size, max(1, max_bits // size))
         if number <= 0:
             return []
         body = await self._call("POST", f"{self.peer_sae_id}/enc_keys", {"number": number, "size": size})
@@ -162,7 +174,7 @@ class Etsi014KeySource:
             except DeviceUnavailable as exc:
                 if attempt == self.retries:
                     raise
-                log.warning("%s %s: %s; retrying in %.1f s", method, url, exc, delay)
+                log.warning("%s %s; retrying in %.2f s", method, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
 
@@ -177,8 +189,8 @@ class Etsi014KeySource:
         except asyncio.TimeoutError:
             raise DeviceUnavailable(f"{url}: no answer within {self.timeout} s") from None
         except aiohttp.ClientConnectorCertificateError as exc:
-            raise DeviceUnavailable(f"{url}: TLS: the KME's certificate was not accepted: {exc.certificate_error}") \
-                from None
+            raise DeviceUntrusted(f"{url}: TLS: the KME's certificate was not accepted: {exc.certificate_error} "
+                                  "(check the CA and server_hostname)") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             # Under TLS 1.3 a refused client certificate shows up here, not in the handshake.
             raise DeviceUnavailable(f"{url}: connection dropped ({exc.__class__.__name__}); the KME may have "

@@ -103,7 +103,7 @@ class KmePair:
             app.router.add_get("/api/v1/keys/{sae}/status", self._handler(side, self.status))
             app.router.add_route("*", "/api/v1/keys/{sae}/enc_keys", self._handler(side, self.enc_keys))
             app.router.add_route("*", "/api/v1/keys/{sae}/dec_keys", self._handler(side, self.dec_keys))
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)  # `hang` handlers never end
             await runner.setup()
             site = web.TCPSite(runner, host, port, ssl_context=ctx)
             await site.start()

@@ -44,8 +44,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from qkdnode import config
+    from qkdnode.interfaces import check_driver
 
     cfg = config.load(args.config)
+    for i, link in enumerate(cfg.links):
+        check_driver(link.driver, link.settings, file=cfg.file, key=f"links[{i}].driver")
+    if not args.no_files:
+        from qkdnode.node import Node
+
+        Node(cfg)  # reads the master key and TLS material and builds every driver; opens no socket
     print(f"{cfg.file}: node {cfg.node_id}, {len(cfg.links)} link(s), {len(cfg.saes)} SAE(s): OK")
     return 0
 
@@ -100,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="the node's TOML file")
     run.set_defaults(func=_cmd_run)
 
-    check = sub.add_parser("check-config", help="read a node's config and report the first error, if any")
+    check = sub.add_parser(
+        "check-config", help="check a node's config as `run` would, and report the first error, if any")
     check.add_argument("--config", required=True)
+    check.add_argument("--no-files", action="store_true",
+                       help="check the file alone, not the TLS material and master key it names (on a staging host)")
     check.set_defaults(func=_cmd_check_config)
 
     demo = sub.add_parser(

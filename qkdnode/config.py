@@ -178,16 +178,21 @@ class _Table:
         """Refuse keys nobody read: they are typos or options of another version."""
         for key in self.data:
             if key not in self.used:
-                raise self.error(key, "no such key here (check the spelling)", self.data[key])
+                raise ConfigError(self.file, self._key(key), "no such key here (check the spelling)",
+                                  shown="a key this version does not know (its value is not shown)")
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
+def _is_ident(value: str) -> bool:
+    return bool(value) and value not in (".", "..") and all(c.isalnum() or c in "-_." for c in value)
+
+
 def _ident(t: _Table, key: str) -> str:
     value = t.string(key)
-    if not all(c.isalnum() or c in "-_." for c in value):
+    if not _is_ident(value):
         raise t.error(key, "an identifier of letters, digits, '-', '_' or '.'", value)
     return value
 
@@ -195,9 +200,12 @@ def _ident(t: _Table, key: str) -> str:
 def load(path: str | Path) -> NodeConfig:
     file = Path(path).resolve()
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is fine
     except OSError as exc:
         raise ConfigError(file, "(file)", "a readable TOML file", exc.strerror) from None
+    except UnicodeDecodeError as exc:  # a ValueError: would escape the CLI as a traceback
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(file, "(file)", "UTF-8 text", f"byte 0x{exc.object[exc.start]:02x} on line {line}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -231,6 +239,9 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         master_key_file=vault_t.path("master_key_file", None),
         master_key_credential=vault_t.string("master_key_credential", None),
     )
+    if vault.master_key_credential is not None and not _is_ident(vault.master_key_credential):
+        raise vault_t.error("master_key_credential", "the name of a systemd credential (no '/')",
+                            vault.master_key_credential)
     if (vault.master_key_file is None) == (vault.master_key_credential is None):
         raise vault_t.error(
             "master_key_file",
@@ -263,6 +274,9 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         url = p.string("url")
         if not url.startswith("https://"):
             raise p.error("url", "an https:// URL of the peer's channel", url)
+        if not _is_ident(peer_id) or peer_id == node_id:
+            raise peers_t.error(peer_id, f"a node ID other than this node's ({node_id}): letters, digits, "
+                                "'-', '_' or '.'", peer_id)
         peers[peer_id] = PeerConfig(peer_id, url.rstrip("/"), p.string("server_hostname", None))
         p.finish()
     peers_t.finish()
@@ -303,6 +317,9 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
     saes_t = top.table("saes", {})
     saes: dict[str, str] = {}
     for sae_id in list(saes_t.data):
+        if not _is_ident(sae_id):
+            raise saes_t.error(sae_id, "an SAE ID of letters, digits, '-', '_' or '.' (it appears in URL paths)",
+                               sae_id)
         saes[sae_id] = saes_t.string(sae_id)
         if saes[sae_id] != node_id and saes[sae_id] not in peers:
             raise saes_t.error(sae_id, f"this node ({node_id}) or a node listed under [peers]", saes[sae_id])

@@ -8,9 +8,11 @@ class QkdnodeError(Exception):
 class ConfigError(QkdnodeError):
     """A config file is wrong: names the file, the key, what was expected and what was found."""
 
-    def __init__(self, file, key: str, expected: str, found: object = None, *, missing: bool = False):
+    def __init__(self, file, key: str, expected: str, found: object = None, *, missing: bool = False,
+                 shown: str | None = None):
         self.file, self.key, self.expected, self.found = str(file), key, expected, found
-        what = "nothing" if missing else repr(found)
+        # `shown` replaces the value where it must not be echoed (it could be a misplaced secret).
+        what = shown if shown is not None else "nothing" if missing else repr(found)
         super().__init__(f"{self.file}: {key}: expected {expected}, found {what}")
 
 
@@ -52,6 +54,11 @@ class DeviceRejected(DriverError):
 
 class DeviceUnauthorized(DriverError):
     """The device does not accept our identity (401, or a vendor's 400 for a certificate problem)."""
+
+
+class DeviceUntrusted(DriverError):
+    """The device's TLS certificate failed our verification (wrong CA or host name). Not retried:
+    waiting does not fix it, the config or the device's certificate must change."""
 
 
 class DeviceProtocolError(DriverError):

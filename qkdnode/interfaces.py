@@ -63,11 +63,25 @@ class KeySource(Protocol):
     async def status(self) -> SourceStatus: ...
 
 
-def load_driver(name: str, settings: dict[str, Any], *, file, key: str) -> KeySource:
-    """Instantiate the driver registered under `name` with its settings from the config."""
+def driver_class(name: str, *, file, key: str) -> type:
+    """The driver class registered under `name`. A driver class has two class methods:
+    `check_settings(settings, file=, key=)`, which validates its settings without touching any
+    file or device, and `from_settings(settings, file=, key=)`, which builds the KeySource."""
     found = {ep.name: ep for ep in entry_points(group=DRIVER_GROUP)}
     if name not in found:
         raise ConfigError(file, key, f"a driver registered in {DRIVER_GROUP} ({', '.join(sorted(found)) or 'none'})",
                           name)
-    cls = found[name].load()
-    return cls.from_settings(settings, file=file, key=key.rsplit(".", 1)[0] + ".settings")
+    return found[name].load()
+
+
+def load_driver(name: str, settings: dict[str, Any], *, file, key: str) -> KeySource:
+    """Instantiate the driver registered under `name` with its settings from the config."""
+    return driver_class(name, file=file, key=key).from_settings(settings, file=file, key=_settings_key(key))
+
+
+def check_driver(name: str, settings: dict[str, Any], *, file, key: str) -> None:
+    driver_class(name, file=file, key=key).check_settings(settings, file=file, key=_settings_key(key))
+
+
+def _settings_key(driver_key: str) -> str:
+    return driver_key.rsplit(".", 1)[0] + ".settings"

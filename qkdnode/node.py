@@ -31,8 +31,9 @@ class Node:
         self.metrics = NodeMetrics(cfg.node_id)
         self.vault = Vault(cfg.vault.path, load_master_key(cfg.vault))
         t = cfg.tls
-        self.server_ssl = checked(cfg.file, "tls.cert", server_context, t.ca, t.cert, t.key)
-        client_ssl = checked(cfg.file, "tls.cert", client_context, t.ca, t.cert, t.key)
+        pems = (("tls.ca", t.ca), ("tls.cert", t.cert), ("tls.key", t.key))
+        self.server_ssl = checked(cfg.file, server_context, *pems)
+        client_ssl = checked(cfg.file, client_context, *pems)
         self.peers = {pid: PeerClient(p, client_ssl, self.metrics) for pid, p in cfg.peers.items()}
         self.pools: dict[str, LinkPool] = {}
         for i, link in enumerate(cfg.links):

@@ -111,8 +111,8 @@ def make_peer_app(node_id: str, pools: dict[str, "LinkPool"]) -> web.Application
         except CarveConflict as exc:
             log.error("link %s: %s", link_id, exc)
             return _error(409, str(exc))
-        except QkdnodeError as exc:
-            return _error(503, str(exc))
+        except QkdnodeError as exc:  # e.g. this node's device failed while confirming an offer
+            return _error(502, str(exc))
 
     app = web.Application(client_max_size=1 << 20)
     app.router.add_get("/peer/v1/health", health)

@@ -30,15 +30,21 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) 
     return ctx
 
 
-def checked(file: Path, key: str, build, *paths: Path) -> ssl.SSLContext:
-    """Build a context, turning a missing or unreadable PEM into a ConfigError naming the key."""
-    for p in paths:
-        if p is not None and not p.is_file():
-            raise ConfigError(file, key, "a readable PEM file", str(p))
+def checked(file: Path, build, ca: tuple[str, Path], cert: tuple[str, Path], key: tuple[str, Path]) -> ssl.SSLContext:
+    """Build a context from (config key, path) pairs; a missing or unusable PEM becomes a
+    ConfigError naming the config key that points at it."""
+    for name, path in (ca, cert, key):
+        if not path.is_file():
+            raise ConfigError(file, name, "a readable PEM file", f"no file at {path}")
     try:
-        return build(*paths)
+        ssl.create_default_context(cafile=str(ca[1]))
     except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(file, key, "a PEM certificate and matching private key", f"{paths}: {exc}") from None
+        raise ConfigError(file, ca[0], "a PEM file of CA certificates", f"{ca[1]}: {exc}") from None
+    try:
+        return build(ca[1], cert[1], key[1])
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(file, cert[0], f"a PEM certificate matching the private key in {key[0]}",
+                          f"{cert[1]}: {exc}") from None
 
 
 def peer_identity(transport) -> str | None:

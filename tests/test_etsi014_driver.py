@@ -4,7 +4,9 @@ The KMEs' certificates name only kme-a.lab / kme-b.lab while the config reaches 
 the labs; the driver is built from a link's settings exactly as the daemon builds it.
 """
 
+import base64
 import time
+import uuid
 from collections import Counter
 
 import pytest
@@ -13,7 +15,8 @@ from aiohttp import web
 from drivers.etsi014 import Etsi014KeySource
 from hil.kme import KmePair
 from hil.pki import ThrowawayPKI
-from qkdnode.errors import ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnauthorized, DeviceUnavailable
+from qkdnode.errors import (ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnauthorized, DeviceUnavailable,
+                            DeviceUntrusted)
 from qkdnode.tlsutil import server_context
 
 SAE = {"A": "qkdnode-A", "B": "qkdnode-B"}
@@ -74,12 +77,13 @@ def settings(pki, tmp_path):
     """A link's [links.settings] for the SAE of one end, as a node config would hold them."""
     ca, creds = pki
 
-    def make(side="A", url=None, cert_of=None, **overrides):
-        cred = creds[f"sae-{cert_of or side}"]
+    def make(side="A", url=None, cert_of=None, key_of=None, **overrides):
+        cert_of = cert_of or side
         other = "B" if side == "A" else "A"
         s = {"profile": "idq", "url": url or "https://127.0.0.1:1", "server_hostname": HOSTNAME[side],
-             "sae_id": SAE[side], "peer_sae_id": SAE[other], "ca": str(ca.ca), "cert": str(cred.cert),
-             "key": str(cred.key), "timeout": 5.0, "retries": 2, "backoff": 0.01}
+             "sae_id": SAE[side], "peer_sae_id": SAE[other], "ca": str(ca.ca),
+             "cert": str(creds[f"sae-{cert_of}"].cert), "key": str(creds[f"sae-{key_of or cert_of}"].key),
+             "timeout": 5.0, "retries": 2, "backoff": 0.01}
         s.update(overrides)
         return {k: v for k, v in s.items() if v is not None}
     return make
@@ -131,7 +135,7 @@ async def test_master_fetches_within_kme_limits_and_slave_gets_the_same_bits_onc
     assert len(issued) == 20 and len(set(issued.values())) == 20
 
     slave = await driver(pair, "B")
-    wanted = list(issued)[::-1][:11]                            # reversed, more than one request's worth
+    wanted = list(issued)[::-1][:11]                           # reversed, more than one request's worth
     got = await slave.fetch_by_ids(wanted)
     assert [b.block_id for b in got] == wanted
     assert [bytes(b.bits) for b in got] == [issued[k] for k in wanted]
@@ -149,6 +153,15 @@ async def test_key_size_setting_is_kept_inside_the_kmes_limits(kme, driver, aske
     assert sizes(blocks) == [delivered] * max(1, 4096 // delivered)
 
 
+async def test_link_running_low_still_yields_blocks_larger_than_the_kmes_default(kme, driver):
+    pair = await kme(profile="toshiba", rate_bps=0.0, initial_keys=6)  # 1536 bits in store
+    drv = await driver(pair, profile="toshiba", key_size=1024)
+    assert sizes(await drv.fetch_new(4096)) == [1024]
+    assert (await drv.status()).stored_key_count == 2
+    assert await drv.fetch_new(4096) == []                     # 512 bits make no 1024-bit block
+    assert pair.hits["A", "enc_keys"] == 1
+
+
 async def test_empty_link_gives_no_keys_and_no_error(kme, driver):
     pair = await kme(initial_keys=0, rate_bps=0.0)
     drv = await driver(pair)
@@ -163,9 +176,11 @@ async def test_empty_link_gives_no_keys_and_no_error(kme, driver):
 async def test_kme_certificate_must_name_the_host_we_think_we_reach(kme, driver):
     pair = await kme(initial_keys=4, rate_bps=0.0)
     for name in (None, "kme-b.lab"):                           # by IP, or a name the cert does not carry
-        drv = await driver(pair, connect=False, server_hostname=name)
-        with pytest.raises(DeviceUnavailable, match="certificate") as exc:
+        drv = await driver(pair, connect=False, server_hostname=name, backoff=5.0)
+        t0 = time.monotonic()
+        with pytest.raises(DeviceUntrusted, match="certificate") as exc:
             await drv.connect()
+        assert time.monotonic() - t0 < 1.0                     # not retried: waiting cannot fix it
         assert "127.0.0.1" in str(exc.value) or "kme-b.lab" in str(exc.value)
     assert sum(pair.hits.values()) == 0                        # never got as far as HTTP
     drv = await driver(pair, server_hostname="kme-a.lab")
@@ -229,37 +244,63 @@ async def test_slow_kme_within_the_timeout_still_delivers(kme, driver):
     assert pair.hits == {("A", "status"): 2, ("A", "enc_keys"): 1}
 
 
-# -- Toshiba's certificate complaint
+# -- KMEs that behave unlike the emulator
 
 
 @pytest.fixture
-async def cert_complaining_kme(pki):
-    """A KME that completes the TLS handshake, then answers every call 400 "SSL certificate error"."""
-    hits = []
+async def scripted_kme(pki):
+    """A hand-written KME on real mutual TLS (client certificate required): the test supplies the
+    handlers, by path suffix; yields a starter returning the base URL, and the paths asked."""
+    runners, asked = [], []
 
-    async def status(request):
-        hits.append(request.path)
-        return web.json_response({"message": "SSL certificate error"}, status=400)
+    async def start(**handlers) -> str:
+        app = web.Application()
+        for name, fn in handlers.items():
+            async def handle(request, fn=fn):
+                asked.append(request.path)
+                return await fn(request)
+            app.router.add_route("*", f"/api/v1/keys/{{sae}}/{name}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        runners.append(runner)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl(pki, "kme-A"))
+        await site.start()
+        return f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
 
-    app = web.Application()
-    app.router.add_get("/api/v1/keys/{sae}/status", status)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl(pki, "kme-A"))
-    await site.start()
-    yield f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", hits
-    await runner.cleanup()
+    yield start, asked
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize("profile, error", [("toshiba", DeviceUnauthorized), ("idq", DeviceRejected)])
-async def test_400_ssl_certificate_error_means_unauthorized_only_for_toshiba(cert_complaining_kme, driver,
-                                                                              profile, error):
-    url, hits = cert_complaining_kme
-    drv = await driver(url=url, connect=False, profile=profile, backoff=5.0)
+async def test_400_ssl_certificate_error_means_unauthorized_only_for_toshiba(scripted_kme, driver, profile, error):
+    start, asked = scripted_kme
+
+    async def status(request):                                 # a good handshake, then this
+        return web.json_response({"message": "SSL certificate error"}, status=400)
+
+    drv = await driver(url=await start(status=status), connect=False, profile=profile, backoff=5.0)
     with pytest.raises(error, match="400: SSL certificate error") as exc:
         await drv.connect()
     assert type(exc.value) is error
-    assert hits == [f"/api/v1/keys/{SAE['B']}/status"]         # asked once, as the right SAE's peer
+    assert asked == [f"/api/v1/keys/{SAE['B']}/status"]        # asked once, as the right SAE's peer
+
+
+async def test_keys_come_back_in_the_order_asked_whatever_order_the_kme_answers(scripted_kme, driver):
+    start, asked = scripted_kme
+    held = {str(uuid.UUID(int=i)): bytes([i]) * 32 for i in range(1, 6)}
+
+    async def status(request):
+        return web.json_response({"key_size": 256, "stored_key_count": 0, "max_key_count": 100,
+                                  "max_key_per_request": 8, "max_key_size": 256, "min_key_size": 256})
+
+    async def dec_keys(request):                               # answers in its own (sorted, reversed) order
+        ids = sorted((i["key_ID"] for i in (await request.json())["key_IDs"]), reverse=True)
+        return web.json_response({"keys": [{"key_ID": k, "key": base64.b64encode(held[k]).decode()} for k in ids]})
+
+    drv = await driver(url=await start(status=status, dec_keys=dec_keys))
+    wanted = [list(held)[i] for i in (2, 0, 4, 1)]
+    assert [(b.block_id, bytes(b.bits)) for b in await drv.fetch_by_ids(wanted)] == [(k, held[k]) for k in wanted]
 
 
 # -- config
@@ -270,7 +311,10 @@ async def test_400_ssl_certificate_error_means_unauthorized_only_for_toshiba(cer
     ({"profile": "cerberis"}, "profile"),
     ({"url": "http://127.0.0.1:8443"}, "url"),
     ({"peer_sae_id": None}, "peer_sae_id"),
+    ({"ca": "/nonexistent/ca.pem"}, "ca"),
     ({"cert": "/nonexistent/sae-a.pem"}, "cert"),
+    ({"key": "/nonexistent/sae-a-key.pem"}, "key"),
+    ({"key_of": "B"}, "cert"),                                 # a certificate and somebody else's key
     ({"retries": -1}, "retries"),
     ({"key_size": 100}, "key_size"),
 ])
