@@ -117,7 +117,9 @@ class Testbed:
         n, o = self.nodes[name], self.nodes[other]
         d = n.config.parent
         d.mkdir(parents=True, exist_ok=True)
-        node_cred = self.pki.issue(f"node-{name}", name, hosts=(HOST, "localhost"), server=True, client=True)
+        # Both nodes listen on 127.0.0.1, so the peer channel verifies a name only this node's certificate has.
+        node_cred = self.pki.issue(f"node-{name}", name, hosts=(HOST, "localhost", self.node_hostname(name)),
+                                   server=True, client=True)
         kme_client = self.pki.issue(f"kme-client-{name}", f"qkdnode-{name}")
         write_private(d / "master.key", os.urandom(32).hex().encode() + b"\n")
         saes = "\n".join(f'"{s}" = "{node}"' for s, node in self.SAES.items())
@@ -151,6 +153,7 @@ max_SAE_ID_count = 4
 
 [peers.{other}]
 url = "https://{HOST}:{o.peer_port}"
+server_hostname = "{self.node_hostname(other)}"
 
 [[links]]
 id = "A-B"
@@ -173,6 +176,10 @@ key = "{kme_client.key}"
 [saes]
 {saes}
 """)
+
+    @staticmethod
+    def node_hostname(name: str) -> str:
+        return f"node-{name.lower()}.qkd.test"
 
     # -- node processes
 

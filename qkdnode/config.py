@@ -320,6 +320,10 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         if not _is_ident(sae_id):
             raise saes_t.error(sae_id, "an SAE ID of letters, digits, '-', '_' or '.' (it appears in URL paths)",
                                sae_id)
+        if sae_id == node_id or sae_id in peers:
+            # Identities are certificate commonNames under one CA: an SAE named like a node could
+            # speak for that node on the peer channel.
+            raise saes_t.error(sae_id, "an SAE ID that is not also a node ID", sae_id)
         saes[sae_id] = saes_t.string(sae_id)
         if saes[sae_id] != node_id and saes[sae_id] not in peers:
             raise saes_t.error(sae_id, f"this node ({node_id}) or a node listed under [peers]", saes[sae_id])

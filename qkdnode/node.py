@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import signal
 
 from aiohttp import web
@@ -90,8 +92,15 @@ class Node:
         await asyncio.to_thread(self.vault.close)
 
 
+def protect_process() -> None:
+    """Files we create are ours alone (the vault's WAL too), and no core dump carries key bits."""
+    os.umask(0o077)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 async def run_node(cfg: NodeConfig) -> None:
     """Run until SIGTERM or SIGINT, then stop cleanly (open hand-outs finish, the vault closes)."""
+    protect_process()
     node = Node(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

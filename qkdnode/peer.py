@@ -31,7 +31,12 @@ log = logging.getLogger("qkdnode.peer")
 
 
 class PeerClient:
-    """Talks to one peer node. One session, our node certificate, the peer's URL from config."""
+    """Talks to one peer node. One session, our node certificate, the peer's URL from config.
+
+    The peer is verified by host name, as any TLS server: `server_hostname` from the config (or
+    the URL's host). Every node's certificate comes from the same CA, so that name must be one
+    only the peer's certificate carries: where nodes share an address (a lab on one host), set
+    `server_hostname` to a name in the peer's certificate alone."""
 
     def __init__(self, cfg: PeerConfig, ssl_context, metrics=None):
         self.cfg = cfg
