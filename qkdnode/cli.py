@@ -64,36 +64,125 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(Path(args.workdir), duration=args.duration, rate_bps=args.key_rate))
 
 
-def _cmd_vault_init(args: argparse.Namespace) -> int:
+def _vault_of(args: argparse.Namespace, *, exclusive: bool = True, create: bool = False):
     from qkdnode import config
-    from qkdnode.vault import Vault, create_master_key_file, load_master_key
+    from qkdnode.vault import Vault, load_master_key
 
     cfg = config.load(args.config)
+    return cfg, Vault(cfg.vault.path, load_master_key(cfg.vault)).open(create=create, exclusive=exclusive)
+
+
+def _cmd_vault_init(args: argparse.Namespace) -> int:
+    from qkdnode import config
+    from qkdnode.vault import create_master_key_file
+
+    cfg = config.load(args.config)
+    if cfg.vault.path.exists():
+        raise QkdnodeError(f"vault {cfg.vault.path} exists already; nothing changed")
     if args.create_master_key:
         if cfg.vault.master_key_file is None:
             raise QkdnodeError("--create-master-key needs vault.master_key_file in the config")
         create_master_key_file(cfg.vault.master_key_file)
         print(f"wrote a new master key to {cfg.vault.master_key_file} (mode 0600); keep a copy off this host")
-    if cfg.vault.path.exists():
-        raise QkdnodeError(f"vault {cfg.vault.path} exists already; nothing changed")
-    Vault(cfg.vault.path, load_master_key(cfg.vault)).open(create=True).close()
+    _, vault = _vault_of(args, create=True)
+    vault.close()
     print(f"created vault {cfg.vault.path}")
     return 0
 
 
 def _cmd_vault_check(args: argparse.Namespace) -> int:
+    cfg, vault = _vault_of(args, exclusive=False)  # read-only: may run beside the daemon
+    try:
+        report = asyncio.run(vault.run(vault.check))
+    finally:
+        vault.close()
+    print(f"vault {cfg.vault.path}: opens with this master key; data key generation(s) {report['data_keys']}")
+    for name, entry in sorted(report["blocks"].items()):
+        print(f"  link {name}: {entry['blocks']} block(s), {entry['bits']} bits")
+    print(f"  keys waiting for slave SAEs: {report['keys']['waiting']} ({report['keys']['bits']} bits)")
+    print(f"  outbox: {report['outbox'] or 'empty'}")
+    print(f"  audit records: {report['audit'] or 'none'}")
+    for failure in report["failures"]:
+        print(f"  FAILED AUTHENTICATION (never served): {failure}")
+    return 1 if report["failures"] else 0
+
+
+def _cmd_vault_rotate_master_key(args: argparse.Namespace) -> int:
+    from qkdnode.vault import create_master_key_file, read_master_key
+
+    new_path = Path(args.new_key_file)
+    if not new_path.exists():
+        create_master_key_file(new_path)
+        print(f"wrote a new master key to {new_path} (mode 0600)")
+    new_key = read_master_key(new_path)
+    cfg, vault = _vault_of(args)
+    try:
+        n = asyncio.run(vault.run(vault.rotate_master_key, new_key))
+    finally:
+        vault.close()
+    where = cfg.vault.master_key_file or f"the credential {cfg.vault.master_key_credential!r}"
+    print(f"re-wrapped {n} data key(s) under the new master key; no key row was rewritten.\n"
+          f"Now put {new_path} in place of {where}; the old master key no longer opens this vault.")
+    return 0
+
+
+def _cmd_vault_rotate_data_key(args: argparse.Namespace) -> int:
+    cfg, vault = _vault_of(args)
+
+    async def rotate() -> int:
+        gen, resumed = await vault.run(vault.begin_data_key_rotation)
+        print(f"{'resuming' if resumed else 'started'} rotation to data key generation {gen}", flush=True)
+        total = 0
+        while n := await vault.run(vault.reseal_batch, args.batch):
+            total += n
+        return total
+
+    try:
+        total = asyncio.run(rotate())
+    finally:
+        vault.close()
+    print(f"re-sealed {total} row(s); every row is under the new data key, the old one is gone")
+    return 0
+
+
+def _cmd_vault_export(args: argparse.Namespace) -> int:
+    from qkdnode.vault import read_master_key
+
+    target = read_master_key(Path(args.target_key_file))
+    cfg, vault = _vault_of(args)
+    try:
+        asyncio.run(vault.run(vault.export_to, Path(args.to).resolve(), target))
+    finally:
+        vault.close()
+    print(f"exported {cfg.vault.path} to {args.to}, sealed for the master key in {args.target_key_file}.\n"
+          "This vault is now retired: it will not open again, so no key is served at two sites.\n"
+          f"At the new site: qkdnode vault import --config NODE.toml --from {Path(args.to).name}")
+    return 0
+
+
+def _cmd_vault_import(args: argparse.Namespace) -> int:
+    import shutil
+
     from qkdnode import config
     from qkdnode.vault import Vault, load_master_key
 
     cfg = config.load(args.config)
-    vault = Vault(cfg.vault.path, load_master_key(cfg.vault)).open(create=False)
+    src = Path(args.from_file).resolve()
+    if cfg.vault.path.exists():
+        raise QkdnodeError(f"vault {cfg.vault.path} exists already; move it away before importing")
+    incoming = Vault(src, load_master_key(cfg.vault)).open(exclusive=False)
     try:
-        counts = asyncio.run(vault.run(vault.counts))
+        report = asyncio.run(incoming.run(incoming.check))
     finally:
-        vault.close()
-    print(f"vault {cfg.vault.path}: opens with this master key")
-    for name, value in counts.items():
-        print(f"  {name}: {value}")
+        incoming.close()
+    if report["failures"]:
+        raise QkdnodeError(f"{src}: {len(report['failures'])} row(s) fail authentication; not imported")
+    cfg.vault.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.vault.path.with_name(cfg.vault.path.name + ".importing")
+    shutil.copyfile(src, tmp)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, cfg.vault.path)
+    print(f"imported {src} as {cfg.vault.path}: every row opens with this node's master key")
     return 0
 
 
@@ -124,16 +213,39 @@ def build_parser() -> argparse.ArgumentParser:
                       help="secret key rate of the emulated QKD link in bit/s (default: 50000)")
     demo.set_defaults(func=_cmd_demo)
 
-    vault = sub.add_parser("vault", help="look after the node's key vault")
+    vault = sub.add_parser("vault", help="look after the node's key vault (stop the daemon first, except for check)")
     vsub = vault.add_subparsers(dest="vault_command", required=True)
     init = vsub.add_parser("init", help="create an empty vault (and, with --create-master-key, its master key file)")
     init.add_argument("--config", required=True)
     init.add_argument("--create-master-key", action="store_true",
                       help="write a fresh random master key to vault.master_key_file first (never overwrites)")
     init.set_defaults(func=_cmd_vault_init)
-    vcheck = vsub.add_parser("check", help="open the vault with its master key and print counts (no key bits)")
+    vcheck = vsub.add_parser(
+        "check", help="open every sealed row; print counts per state and every row that fails authentication "
+                      "(exit 1 if any); never key bits; may run beside the daemon")
     vcheck.add_argument("--config", required=True)
     vcheck.set_defaults(func=_cmd_vault_check)
+    rmk = vsub.add_parser("rotate-master-key",
+                          help="re-wrap the data key(s) under a new master key (no key row is rewritten)")
+    rmk.add_argument("--config", required=True)
+    rmk.add_argument("--new-key-file", required=True,
+                     help="the new master key (0600); created with a fresh random key if it does not exist")
+    rmk.set_defaults(func=_cmd_vault_rotate_master_key)
+    rdk = vsub.add_parser("rotate-data-key",
+                          help="re-seal every row under a fresh data key; resumes where an interrupted run stopped")
+    rdk.add_argument("--config", required=True)
+    rdk.add_argument("--batch", type=int, default=500, help="rows per transaction (default: 500)")
+    rdk.set_defaults(func=_cmd_vault_rotate_data_key)
+    exp = vsub.add_parser("export", help="copy the vault sealed for another node's master key, to move the node; "
+                                         "retires this vault")
+    exp.add_argument("--config", required=True)
+    exp.add_argument("--to", required=True, help="the export file to write (must not exist)")
+    exp.add_argument("--target-key-file", required=True, help="the master key of the node that will import it")
+    exp.set_defaults(func=_cmd_vault_export)
+    imp = vsub.add_parser("import", help="install an exported vault at this node's vault path (none may exist)")
+    imp.add_argument("--config", required=True)
+    imp.add_argument("--from", dest="from_file", required=True, help="the export file")
+    imp.set_defaults(func=_cmd_vault_import)
     return p
 
 

@@ -84,9 +84,12 @@ class LinkPool:
         self.metrics.driver_up.labels(self.cfg.id).set(1 if ok else 0)
 
     async def refresh_gauge(self) -> int:
-        free = await self.vault.run(self.vault.free_bytes, self.cfg.id)
-        self.metrics.pool_ready_bits.labels(self.cfg.id).set(free * 8)
-        return free
+        """Update the pool gauges; returns the ready bytes."""
+        bits = await self.vault.run(self.vault.pool_bits, self.cfg.id)
+        for state, n in bits.items():
+            self.metrics.pool_bits.labels(self.cfg.id, state).set(n)
+        self.metrics.pool_ready_bits.labels(self.cfg.id).set(bits["ready"])
+        return bits["ready"] // 8
 
     # ------------------------------------------------------------ agreement, master side
 

@@ -11,6 +11,13 @@ class NodeMetrics:
         r = self.registry
         self.pool_ready_bits = Gauge("qkdnode_pool_ready_bits", "Link key ready to hand out at this node",
                                      ["link"], registry=r)
+        self.pool_bits = Gauge("qkdnode_pool_bits", "Link key held at this node, by block state",
+                               ["link", "state"], registry=r)
+        self.vault_commits = Counter("qkdnode_vault_commits_total", "Vault transactions committed (one fsync each)",
+                                     registry=r)
+        self.vault_ops = Counter("qkdnode_vault_operations_total", "Vault operations committed", registry=r)
+        self.vault_commit = Histogram("qkdnode_vault_commit_seconds", "Time from BEGIN to durable COMMIT of a group",
+                                      registry=r, buckets=(.0005, .001, .0025, .005, .01, .02, .05, .1, .25, 1))
         self.blocks_ready = Counter("qkdnode_blocks_ready_total", "Link key blocks agreed with the peer",
                                     ["link"], registry=r)
         self.blocks_discarded = Counter("qkdnode_blocks_discarded_total",
@@ -24,4 +31,12 @@ class NodeMetrics:
         self.driver_up = Gauge("qkdnode_driver_up", "1 if the link's device answered its last call", ["link"],
                                registry=r)
         self.peer_up = Gauge("qkdnode_peer_up", "1 if the peer node answered its last call", ["peer"], registry=r)
+        self.audit_pruned = Counter("qkdnode_vault_audit_pruned_total", "Audit records dropped by retention",
+                                    registry=r)
         Gauge("qkdnode_info", "This node", ["node"], registry=r).labels(node_id).set(1)
+
+    def on_vault_commit(self, n_ops: int, seconds: float) -> None:
+        """Called by the vault's writer thread after each commit (prometheus-client is thread-safe)."""
+        self.vault_commits.inc()
+        self.vault_ops.inc(n_ops)
+        self.vault_commit.observe(seconds)

@@ -11,12 +11,14 @@ import logging
 import os
 import resource
 import signal
+import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from qkdnode.api014 import make_api_app
 from qkdnode.config import Listen, NodeConfig
+from qkdnode.errors import QkdnodeError
 from qkdnode.interfaces import load_driver
 from qkdnode.links import LinkPool
 from qkdnode.metrics import NodeMetrics
@@ -31,7 +33,7 @@ class Node:
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
         self.metrics = NodeMetrics(cfg.node_id)
-        self.vault = Vault(cfg.vault.path, load_master_key(cfg.vault))
+        self.vault = Vault(cfg.vault.path, load_master_key(cfg.vault), on_commit=self.metrics.on_vault_commit)
         t = cfg.tls
         pems = (("tls.ca", t.ca), ("tls.cert", t.cert), ("tls.key", t.key))
         self.server_ssl = checked(cfg.file, server_context, *pems)
@@ -43,6 +45,7 @@ class Node:
             self.pools[link.id] = LinkPool(link, cfg.node_id, self.vault, source, self.peers[link.peer],
                                            self.metrics)
         self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task] = []
 
     def pool_to(self, node_id: str) -> LinkPool | None:
         link = self.cfg.link_to(node_id)
@@ -58,6 +61,8 @@ class Node:
             await self._serve(self._metrics_app(), self.cfg.metrics, None)
         for pool in self.pools.values():
             await pool.start()
+        if self.cfg.vault.audit_retention_days:
+            self._tasks.append(asyncio.create_task(self._audit_retention(), name="audit retention"))
         log.info("node %s up: ETSI 014 on https://%s, peer channel on https://%s, %d link(s)",
                  self.cfg.node_id, self.cfg.api, self.cfg.peer_listen, len(self.pools))
 
@@ -81,7 +86,20 @@ class Node:
         app.router.add_get("/metrics", metrics)
         return app
 
+    async def _audit_retention(self) -> None:
+        while True:
+            cutoff = time.time() - self.cfg.vault.audit_retention_days * 86400
+            try:
+                pruned = await self.vault.run(self.vault.prune_audit, cutoff)
+                self.metrics.audit_pruned.inc(pruned)
+            except QkdnodeError as exc:
+                log.warning("audit retention: %s", exc)
+            await asyncio.sleep(3600)
+
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for pool in self.pools.values():
             await pool.stop()
         for runner in reversed(self._runners):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import json
 import logging
 import os
@@ -66,11 +67,12 @@ def load_master_key(cfg: VaultConfig) -> bytes:
                 f"vault.master_key_credential = {cfg.master_key_credential!r} needs $CREDENTIALS_DIRECTORY "
                 "(set by systemd's LoadCredential=); it is not set"
             )
-        return _read_master_key(Path(directory) / cfg.master_key_credential, check_mode=False)
-    return _read_master_key(cfg.master_key_file, check_mode=True)
+        return read_master_key(Path(directory) / cfg.master_key_credential, check_mode=False)
+    return read_master_key(cfg.master_key_file, check_mode=True)
 
 
-def _read_master_key(path: Path, check_mode: bool) -> bytes:
+def read_master_key(path: Path, check_mode: bool = True) -> bytes:
+    """The master key in a file: 32 raw bytes or 64 hex digits; with `check_mode`, owner-only."""
     try:
         st = path.stat()
         raw = path.read_bytes()
@@ -151,27 +153,42 @@ class HandOut:
 
 
 class Vault:
-    def __init__(self, path: Path, master_key: bytes):
+    """The vault of one node. `max_group` caps how many operations share one commit (1 turns
+    group commit off: one fsync per operation, for comparison); `on_commit(n_ops, seconds)` is
+    called from the writer thread after each commit (metrics)."""
+
+    def __init__(self, path: Path, master_key: bytes, *, max_group: int = _MAX_GROUP,
+                 on_commit: Callable[[int, float], None] | None = None):
         if len(master_key) != MASTER_KEY_BYTES:
             raise VaultError(f"master key: expected {MASTER_KEY_BYTES} bytes, found {len(master_key)}")
         self.path = Path(path)
         self._master = AESGCM(master_key)
-        self._aead: AESGCM | None = None
+        self._keys: dict[int, AESGCM] = {}   # data key generation -> cipher
+        self._active = 0                     # generation that seals new rows
         self._conn: sqlite3.Connection | None = None
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+        self.max_group = max_group
+        self.on_commit = on_commit
         self.vault_id = ""
 
     # -- opening
 
-    def open(self, create: bool = False) -> "Vault":
-        """Open (or create) the database and unwrap the data key. Blocking; call before serving."""
+    def open(self, create: bool = False, exclusive: bool = True) -> "Vault":
+        """Open (or create) the database and unwrap the data keys. Blocking; call before serving.
+
+        `exclusive` takes the vault's lock file: one daemon or one maintenance command at a time
+        (a read-only `vault check` may run beside the daemon without it)."""
         exists = self.path.exists()
         if not exists and not create:
             raise VaultError(f"vault {self.path} does not exist (create it with: qkdnode vault init --config FILE)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            self._take_lock()
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            conn.execute("PRAGMA busy_timeout=10000")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA secure_delete=ON")
@@ -184,15 +201,33 @@ class Vault:
             self._unlock(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
+            self._release_lock()
             raise VaultError(f"vault {self.path}: {exc}") from None
         except Exception:
             conn.close()
+            self._release_lock()
             raise
         os.chmod(self.path, 0o600)
         self._conn = conn
         self._thread = threading.Thread(target=self._writer, name="vault-writer", daemon=True)
         self._thread.start()
         return self
+
+    def _take_lock(self) -> None:
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VaultError(f"vault {self.path} is in use by another process (a running qkdnode?); "
+                             "stop it first") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _create_schema(self, db: sqlite_utils.Database) -> None:
         conn = db.conn
@@ -215,36 +250,46 @@ class Vault:
             pk="id",
         )
         db["audit"].create_index(["key_id"])
+        db["audit"].create_index(["ts"])
         db["outbox"].create({"key_id": str, "link": str, "kind": str, "message": str, "created": float},
                             pk="key_id")
-        vault_id = secrets.token_hex(16)
-        data_key = AESGCM.generate_key(256)
-        nonce = secrets.token_bytes(_NONCE)
-        wrapped = nonce + self._master.encrypt(nonce, data_key, self._wrap_aad(vault_id))
+        self.vault_id = secrets.token_hex(16)
         db["meta"].insert_all([
             {"name": "schema_version", "value": str(SCHEMA_VERSION).encode()},
-            {"name": "vault_id", "value": vault_id.encode()},
-            {"name": "data_key", "value": wrapped},
+            {"name": "vault_id", "value": self.vault_id.encode()},
+            {"name": "active_data_key", "value": b"1"},
+            {"name": "data_key/1", "value": self._wrap(self._master, 1, AESGCM.generate_key(256))},
         ])
         conn.execute("COMMIT")
         log.warning("created a new vault at %s", self.path)
 
-    @staticmethod
-    def _wrap_aad(vault_id: str) -> bytes:
-        return b"qkdnode-vault|data-key|" + vault_id.encode()
+    def _wrap(self, master: AESGCM, gen: int, data_key: bytes) -> bytes:
+        nonce = secrets.token_bytes(_NONCE)
+        return nonce + master.encrypt(nonce, data_key, self._wrap_aad(gen))
+
+    def _wrap_aad(self, gen: int) -> bytes:
+        return f"qkdnode-vault|data-key|{self.vault_id}|{gen}".encode()
 
     def _unlock(self, conn: sqlite3.Connection) -> None:
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
         version = int(meta.get("schema_version", b"0"))
         if version != SCHEMA_VERSION:
             raise VaultError(f"vault {self.path}: schema version {version}, this qkdnode reads {SCHEMA_VERSION}")
+        if "exported" in meta:
+            raise VaultError(f"vault {self.path} was exported to move the node ({meta['exported'].decode()}); "
+                             "it serves no keys here any more, so none can be served twice")
         self.vault_id = meta["vault_id"].decode()
-        wrapped = meta["data_key"]
-        try:
-            data_key = self._master.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], self._wrap_aad(self.vault_id))
-        except InvalidTag:
-            raise VaultError(f"vault {self.path}: the master key does not open this vault (wrong key file?)") from None
-        self._aead = AESGCM(data_key)
+        self._keys = {}
+        for name, wrapped in meta.items():
+            if name.startswith("data_key/"):
+                gen = int(name.split("/", 1)[1])
+                try:
+                    data_key = self._master.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], self._wrap_aad(gen))
+                except InvalidTag:
+                    raise VaultError(f"vault {self.path}: the master key does not open this vault "
+                                     "(wrong key file or credential?)") from None
+                self._keys[gen] = AESGCM(data_key)
+        self._active = int(meta["active_data_key"])
 
     def close(self) -> None:
         if self._thread:
@@ -254,16 +299,22 @@ class Vault:
         if self._conn:
             self._conn.close()
             self._conn = None
+        self._release_lock()
 
     # -- sealing
 
+    # A sealed value is: data key generation (4 bytes) | nonce (12) | AES-256-GCM ciphertext and tag.
+
     def _seal(self, aad: bytes, data: bytes | bytearray) -> bytes:
         nonce = secrets.token_bytes(_NONCE)
-        return nonce + self._aead.encrypt(nonce, bytes(data), aad)
+        return self._active.to_bytes(4, "big") + nonce + self._keys[self._active].encrypt(nonce, bytes(data), aad)
 
     def _open(self, aad: bytes, blob: bytes, what: str) -> bytearray:
+        cipher = self._keys.get(int.from_bytes(blob[:4], "big"))
         try:
-            return bytearray(self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], aad))
+            if cipher is None:
+                raise InvalidTag
+            return bytearray(cipher.decrypt(blob[4:4 + _NONCE], blob[4 + _NONCE:], aad))
         except InvalidTag:
             raise SealBroken(f"{what} failed authentication: the row was altered, swapped or moved") from None
 
@@ -293,7 +344,7 @@ class Vault:
                 return
             batch = [item]
             stop = False
-            while len(batch) < _MAX_GROUP:
+            while len(batch) < self.max_group:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
@@ -303,8 +354,11 @@ class Vault:
                     break
                 batch.append(nxt)
             outcomes = []
+            started = time.perf_counter()
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                # Deferred: a read-only group (`vault check` beside the daemon) takes no write lock.
+                # Writers never race: the vault's lock file admits one writing process.
+                conn.execute("BEGIN")
                 for op, args, fut in batch:
                     conn.execute("SAVEPOINT op")
                     try:
@@ -316,6 +370,8 @@ class Vault:
                         conn.execute("RELEASE op")
                         outcomes.append((fut, None, exc))
                 conn.execute("COMMIT")
+                if self.on_commit:
+                    self.on_commit(len(batch), time.perf_counter() - started)
             except Exception as exc:  # the commit itself failed: nothing of the group is durable
                 log.error("vault commit failed: %s", exc)
                 if conn.in_transaction:
@@ -572,7 +628,139 @@ class Vault:
     def outbox_to_discard(self, key_ids: list[str]) -> None:
         self._conn.executemany("UPDATE outbox SET kind='discard' WHERE key_id=?", [(k,) for k in key_ids])
 
+    # ------------------------------------------------------------ maintenance (operator commands)
+
+    def rotate_master_key(self, new_master_key: bytes) -> int:
+        """Re-wrap every data key under a new master key, in one transaction. No key row is
+        rewritten. Returns the number of data keys re-wrapped."""
+        new = AESGCM(new_master_key)
+        rows = self._conn.execute("SELECT name FROM meta WHERE name LIKE 'data_key/%'").fetchall()
+        for (name,) in rows:
+            gen = int(name.split("/", 1)[1])
+            key = self._unwrap_gen(gen)
+            self._conn.execute("UPDATE meta SET value=? WHERE name=?", (self._wrap(new, gen, key), name))
+        self._master = new
+        return len(rows)
+
+    def _unwrap_gen(self, gen: int) -> bytes:
+        wrapped = self._conn.execute("SELECT value FROM meta WHERE name=?", (f"data_key/{gen}",)).fetchone()[0]
+        return self._master.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], self._wrap_aad(gen))
+
+    def begin_data_key_rotation(self) -> tuple[int, bool]:
+        """Start sealing new rows under a fresh data key, unless a rotation is already under
+        way (then it is resumed). Returns (generation, resumed)."""
+        if len(self._keys) > 1:
+            return self._active, True
+        gen = max(self._keys) + 1
+        key = AESGCM.generate_key(256)
+        self._conn.execute("INSERT INTO meta (name, value) VALUES (?, ?)",
+                           (f"data_key/{gen}", self._wrap(self._master, gen, key)))
+        self._conn.execute("UPDATE meta SET value=? WHERE name='active_data_key'", (str(gen).encode(),))
+        self._keys[gen] = AESGCM(key)
+        self._active = gen
+        return gen, False
+
+    def reseal_batch(self, limit: int = 500) -> int:
+        """Re-seal up to `limit` rows still under an older data key; when none is left, drop the
+        older keys. Returns how many rows were re-sealed (0: the rotation is complete)."""
+        prefix = self._active.to_bytes(4, "big")
+        done = 0
+        for table, key_cols, aad_of in (("blocks", ("link", "block_id"), self._row_aad_block),
+                                        ("keys", ("key_id",), self._row_aad_key)):
+            rows = self._conn.execute(f"SELECT * FROM {table} WHERE substr(sealed, 1, 4) != ? LIMIT ?",
+                                      (prefix, limit - done)).fetchall()
+            cols = [d[0] for d in self._conn.execute(f"SELECT * FROM {table} LIMIT 0").description]
+            for values in rows:
+                row = dict(zip(cols, values))
+                aad = aad_of(row)
+                bits = self._open(aad, row["sealed"], f"{table} row {[row[c] for c in key_cols]}")
+                where = " AND ".join(f"{c}=?" for c in key_cols)
+                self._conn.execute(f"UPDATE {table} SET sealed=? WHERE {where}",
+                                   (self._seal(aad, bits), *[row[c] for c in key_cols]))
+                _zero(bits)
+                done += 1
+        if done == 0:
+            for gen in [g for g in self._keys if g != self._active]:
+                self._conn.execute("DELETE FROM meta WHERE name=?", (f"data_key/{gen}",))
+                del self._keys[gen]
+        return done
+
+    def _row_aad_block(self, r: dict) -> bytes:
+        return self._block_aad(r["link"], r["block_id"], r["state"], r["size"], r["carved"])
+
+    def _row_aad_key(self, r: dict) -> bytes:
+        return self._key_aad(r["key_id"], r["link"], r["master_sae"], r["slaves"], r["pending"], r["size_bits"])
+
+    def check(self) -> dict[str, Any]:
+        """Open every sealed row; count rows per state and list every row that fails."""
+        failures, blocks, keys = [], {}, {"waiting": 0, "bits": 0}
+        for r in self._rows("blocks"):
+            try:
+                _zero(self._open(self._row_aad_block(r), r["sealed"], "block"))
+                entry = blocks.setdefault(f"{r['link']}/{r['state']}", {"blocks": 0, "bits": 0})
+                entry["blocks"] += 1
+                entry["bits"] += r["free"] * 8
+            except SealBroken:
+                failures.append(f"blocks: link {r['link']} block {r['block_id']}")
+        for r in self._rows("keys"):
+            try:
+                _zero(self._open(self._row_aad_key(r), r["sealed"], "key"))
+                keys["waiting"] += 1
+                keys["bits"] += r["size_bits"]
+            except SealBroken:
+                failures.append(f"keys: key_ID {r['key_id']}")
+        audit = dict(self._conn.execute("SELECT event, COUNT(*) FROM audit GROUP BY event").fetchall())
+        outbox = dict(self._conn.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall())
+        return {"blocks": blocks, "keys": keys, "outbox": outbox, "audit": audit,
+                "data_keys": sorted(self._keys), "failures": failures}
+
+    def _rows(self, table: str):
+        cur = self._conn.execute(f"SELECT * FROM {table}")
+        cols = [d[0] for d in cur.description]
+        for values in cur:
+            yield dict(zip(cols, values))
+
+    def prune_audit(self, older_than: float) -> int:
+        """Drop audit records older than a time stamp (retention), keeping those of keys still
+        waiting or still in the outbox: they prove a repeated message was seen."""
+        cur = self._conn.execute(
+            "DELETE FROM audit WHERE ts < ? AND (key_id IS NULL OR (key_id NOT IN (SELECT key_id FROM keys) "
+            "AND key_id NOT IN (SELECT key_id FROM outbox)))", (older_than,))
+        return cur.rowcount
+
+    def export_to(self, dest: Path, target_master_key: bytes) -> None:
+        """Copy the whole vault to `dest`, its data keys wrapped for another node's master key,
+        and retire this vault: it will not open again, so no key can be served at two sites."""
+        if dest.exists():
+            raise VaultError(f"{dest} exists already; refusing to overwrite it")
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        target = AESGCM(target_master_key)
+        out = sqlite3.connect(dest, isolation_level=None)
+        try:
+            self._conn.backup(out)
+            out.execute("PRAGMA journal_mode=DELETE")
+            out.execute("BEGIN IMMEDIATE")
+            for gen in self._keys:
+                out.execute("UPDATE meta SET value=? WHERE name=?",
+                            (self._wrap(target, gen, self._unwrap_gen(gen)), f"data_key/{gen}"))
+            out.execute("COMMIT")
+        finally:
+            out.close()
+        fd = os.open(dest, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('exported', ?)",
+                           (f"to {dest.name} at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}".encode(),))
+
     # ------------------------------------------------------------ reading
+
+    def pool_bits(self, link: str) -> dict[str, int]:
+        """Bits of a link's key at this node, by block state (for the metrics)."""
+        rows = self._conn.execute("SELECT state, SUM(free) FROM blocks WHERE link=? GROUP BY state", (link,))
+        return {"pending": 0, "ready": 0} | {state: free * 8 for state, free in rows}
 
     def counts(self) -> dict[str, Any]:
         c = self._conn
