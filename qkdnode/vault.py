@@ -23,7 +23,6 @@ Lifecycle, all transitions in this module:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import fcntl
 import json
 import logging
@@ -110,6 +109,17 @@ def create_master_key_file(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _resolve(outcomes: list) -> None:
+    """On the event loop: hand each waiting caller its result (a caller may have given up)."""
+    for fut, result, exc in outcomes:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)
 
 
 def _merge(ranges: Iterable[tuple[int, int]]) -> list[list[int]]:
@@ -332,9 +342,9 @@ class Vault:
         """Run op(*args) in the writer thread inside a group transaction; return after COMMIT."""
         if self._thread is None:
             raise VaultError("vault is not open")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut = asyncio.get_running_loop().create_future()
         self._queue.put((op, args, fut))
-        return await asyncio.wrap_future(fut)
+        return await fut
 
     def _writer(self) -> None:
         conn = self._conn
@@ -377,11 +387,15 @@ class Vault:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 outcomes = [(fut, None, VaultError(f"vault commit failed: {exc}")) for _, _, fut in batch]
-            for fut, result, exc in outcomes:
-                if exc is None:
-                    fut.set_result(result)
-                else:
-                    fut.set_exception(exc)
+            # One wake-up of each event loop per group, not one per operation.
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+            for outcome in outcomes:
+                by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
+            for loop, group in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_resolve, group)
+                except RuntimeError:  # that loop is closed: nobody waits for these answers any more
+                    pass
             if stop:
                 return
 
@@ -527,9 +541,6 @@ class Vault:
         """Allocate fresh keys from the oldest ready key of a link (the link's master node does
         this, and only it, so the two ends never hand out the same bits). All or nothing: with
         too little ready key, raises PoolExhausted and changes nothing."""
-        need = nbytes * len(key_ids)
-        if self.free_bytes(link) < need:
-            raise PoolExhausted(f"link {link}: {need * 8} bits asked, {self.free_bytes(link) * 8} ready")
         rows = self._conn.execute(
             "SELECT block_id, size, carved FROM blocks WHERE link=? AND state='ready' ORDER BY created, rowid",
             (link,))
@@ -548,6 +559,9 @@ class Vault:
                         current, want = [], nbytes
             if len(ranges) == len(key_ids):
                 break
+        else:  # ran out of ready blocks before the request was covered; nothing was written yet
+            raise PoolExhausted(f"link {link}: {nbytes * len(key_ids) * 8} bits asked, "
+                                f"{self.free_bytes(link) * 8} ready")
         return self._record(link, key_ids, ranges, nbytes, master, slaves, store, outbox)
 
     def apply_carve(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
