@@ -7,9 +7,10 @@ can ship one as a package of its own.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from qkdnode.errors import ConfigError
 
@@ -20,10 +21,14 @@ DRIVER_GROUP = "qkdnode.drivers"
 class KeyBlock:
     """A piece of link key as the device delivered it, with the ID both ends of the link know.
 
-    `bits` is a bytearray so the holder can zero it once stored; it never appears in a repr."""
+    `bits` is a bytearray so the holder can zero it once stored; it never appears in a repr.
+    `leaked_bits` is what the device disclosed about the block during error correction (CV-QKD
+    reconciled key): privacy amplification must remove at least that much. Final key from a
+    vendor KME has none left."""
 
     block_id: str
     bits: bytearray = field(repr=False)
+    leaked_bits: int = 0
 
     def wipe(self) -> None:
         self.bits[:] = bytes(len(self.bits))
@@ -61,6 +66,169 @@ class KeySource(Protocol):
         """The blocks with these IDs, in the same order; DeviceRejected if the device has none of them."""
 
     async def status(self) -> SourceStatus: ...
+
+
+# ---------------------------------------------------------------- device health
+
+
+class DeviceHealth:
+    """A device's health as a small state machine the metrics show:
+    `unknown` (never reached) -> `up` <-> `degraded` (a call failed) -> `down` (`down_after`
+    failures in a row); any successful call returns it to `up`. `last_error` says why."""
+
+    STATES = ("unknown", "up", "degraded", "down")
+
+    def __init__(self, down_after: int = 3, on_change: Callable[[str, str], None] | None = None):
+        self.state = "unknown"
+        self.last_error = ""
+        self.failures = 0
+        self.since = time.time()
+        self.down_after = down_after
+        self.on_change = on_change
+
+    def ok(self) -> None:
+        self.failures = 0
+        self._go("up")
+
+    def failed(self, error: BaseException | str) -> None:
+        self.failures += 1
+        self.last_error = str(error)[:300]
+        self._go("down" if self.failures >= self.down_after else "degraded")
+
+    def _go(self, state: str) -> None:
+        if state != self.state:
+            old, self.state, self.since = self.state, state, time.time()
+            if self.on_change:
+                self.on_change(old, state)
+
+
+# ---------------------------------------------------------------- the ITU-T G.694.1 DWDM grid (100 GHz)
+
+
+def itu_frequency_thz(channel: int) -> float:
+    """Centre frequency of ITU channel `channel` on the 100 GHz grid (C34 = 193.4 THz)."""
+    return round(190.0 + channel / 10, 4)
+
+
+def itu_channel(frequency_thz: float, tolerance_ghz: float = 20.0) -> int | None:
+    """The 100 GHz grid channel a frequency falls on, or None if it is off the grid."""
+    n = round((frequency_thz - 190.0) * 10)
+    return n if abs(itu_frequency_thz(n) - frequency_thz) * 1000 <= tolerance_ghz else None
+
+
+def nm_to_thz(wavelength_nm: float) -> float:
+    return 299_792.458 / wavelength_nm
+
+
+# ---------------------------------------------------------------- optical gear
+
+
+@runtime_checkable
+class OpticalSwitch(Protocol):
+    """An all-optical fibre switch: cross-connects from ingress to egress ports.
+
+    Every change is confirmed by the device (operation complete) and by reading the map back;
+    a change that would touch a port the config marks as carrying classical traffic is refused
+    before anything is sent."""
+
+    name: str
+    health: DeviceHealth
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def size(self) -> tuple[int, int]:
+        """(number of ingress ports, number of egress ports)."""
+
+    async def cross_connects(self) -> dict[int, int]:
+        """The current map, ingress port -> egress port."""
+
+    async def connect_ports(self, pairs: dict[int, int]) -> None:
+        """Add these cross-connects, keeping all others."""
+
+    async def disconnect_ports(self, ingress: list[int]) -> None: ...
+
+    async def replace_map(self, pairs: dict[int, int]) -> None:
+        """Make the map exactly `pairs` (touching only ports that change)."""
+
+    async def port_powers(self) -> dict[int, float]:
+        """Optical power in dBm at ports with a power monitor."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One sweep of a spectrum analyser: wavelengths in nm and powers in dBm, same length."""
+
+    wavelengths_nm: tuple[float, ...]
+    powers_dbm: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class WdmChannel:
+    """One channel found by WDM analysis, placed on the ITU grid (None if off the grid)."""
+
+    itu_channel: int | None
+    centre_nm: float
+    power_dbm: float
+    osnr_db: float | None
+
+    @property
+    def frequency_thz(self) -> float:
+        return nm_to_thz(self.centre_nm)
+
+
+@runtime_checkable
+class SpectrumAnalyser(Protocol):
+    name: str
+    health: DeviceHealth
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def sweep(self, start_nm: float, stop_nm: float, timeout: float = 60.0) -> Trace:
+        """A single sweep, waiting for completion up to `timeout` seconds."""
+
+    async def channels(self) -> list[WdmChannel]:
+        """WDM analysis of the last sweep."""
+
+
+# ---------------------------------------------------------------- link telemetry and CV-QKD modules
+
+
+@dataclass(frozen=True)
+class LinkTelemetry:
+    """What a QKD module says about its link; None where the device does not report it."""
+
+    state: str                              # e.g. "running", "stopped", "calibrating", "no-key"
+    qber: float | None = None               # DV: fraction, 0.01 = 1 %
+    excess_noise: float | None = None       # CV: shot-noise units
+    snr: float | None = None                # CV: linear
+    channel_loss_db: float | None = None
+    secret_key_rate_bps: float | None = None
+
+
+@runtime_checkable
+class TelemetrySource(Protocol):
+    async def telemetry(self) -> LinkTelemetry: ...
+
+
+@runtime_checkable
+class CvQkdModule(KeySource, TelemetrySource, Protocol):
+    """A CV-QKD transmitter or receiver: controlled by the node, delivering reconciled blocks
+    (with their leakage) that privacy amplification turns into link key."""
+
+    health: DeviceHealth
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def tune(self, itu_channel: int) -> None:
+        """Tune the laser to a channel of the 100 GHz DWDM grid."""
+
+    async def set_modulation(self, photons_per_symbol: float) -> None: ...
 
 
 def driver_class(name: str, *, file, key: str) -> type:
