@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,10 +33,27 @@ MARKER = ".qkdnode-demo"
 HOST = "127.0.0.1"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: a port picked now and bound later by a
+    node process cannot be taken meanwhile by some socket the kernel numbers itself."""
+    lo, _ = _ephemeral_range()
+    for _ in range(200):
+        port = random.randrange(10000, lo)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found on {host} below {lo}")
 
 
 def _die_with_parent() -> None:

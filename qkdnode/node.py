@@ -97,14 +97,15 @@ class Node:
             await asyncio.sleep(3600)
 
     async def stop(self) -> None:
+        # First stop taking requests (answers in flight finish), then the background loops.
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for pool in self.pools.values():
             await pool.stop()
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
         for peer in self.peers.values():
             await peer.close()
         await asyncio.to_thread(self.vault.close)
@@ -124,9 +125,9 @@ async def run_node(cfg: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await node.start()
     try:
+        await node.start()
         await stop.wait()
         log.info("node %s stopping", cfg.node_id)
     finally:
-        await node.stop()
+        await node.stop()  # also after a failed start: close what was opened

@@ -282,6 +282,9 @@ class Vault:
 
     def _unlock(self, conn: sqlite3.Connection) -> None:
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+        missing = [n for n in ("schema_version", "vault_id", "active_data_key") if n not in meta]
+        if missing:
+            raise VaultError(f"vault {self.path}: its meta table lacks {', '.join(missing)} (damaged?)")
         version = int(meta.get("schema_version", b"0"))
         if version != SCHEMA_VERSION:
             raise VaultError(f"vault {self.path}: schema version {version}, this qkdnode reads {SCHEMA_VERSION}")
