@@ -23,6 +23,7 @@ from qkdnode.interfaces import load_driver
 from qkdnode.links import LinkPool
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import PeerClient, make_peer_app
+from qkdnode.sdnotify import SystemdNotifier
 from qkdnode.tlsutil import checked, client_context, server_context
 from qkdnode.vault import Vault, load_master_key
 
@@ -118,16 +119,29 @@ def protect_process() -> None:
 
 
 async def run_node(cfg: NodeConfig) -> None:
-    """Run until SIGTERM or SIGINT, then stop cleanly (open hand-outs finish, the vault closes)."""
+    """Run until SIGTERM or SIGINT, then stop cleanly (open hand-outs finish, the vault closes).
+
+    Under systemd (Type=notify) it reports READY=1 once every listener is up, feeds the
+    watchdog while the event loop turns and the vault's writer lives, and says STOPPING=1 when
+    it begins to shut down; outside systemd those calls do nothing."""
     protect_process()
+    systemd = SystemdNotifier.from_environ()
     node = Node(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Fed from the start: opening a large vault may take longer than half of WatchdogSec.
+    watchdog = systemd.start_watchdog(healthy=lambda: node.vault.writer_alive)
     try:
+        systemd.status(f"node {cfg.node_id}: opening the vault, starting listeners and links")
         await node.start()
+        systemd.ready(f"node {cfg.node_id}: serving ETSI 014 on {cfg.api}, peer channel on {cfg.peer_listen}, "
+                      f"{len(node.pools)} link(s)")
         await stop.wait()
         log.info("node %s stopping", cfg.node_id)
+        systemd.stopping(f"node {cfg.node_id}: stopping")
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         await node.stop()  # also after a failed start: close what was opened

@@ -304,6 +304,11 @@ class Vault:
                 self._keys[gen] = AESGCM(data_key)
         self._active = int(meta["active_data_key"])
 
+    @property
+    def writer_alive(self) -> bool:
+        """False once the writer thread has died: the node can no longer commit anything."""
+        return self._thread is None or self._thread.is_alive()
+
     def close(self) -> None:
         if self._thread:
             self._queue.put(None)
