@@ -74,7 +74,11 @@ class KeySource(Protocol):
 class DeviceHealth:
     """A device's health as a small state machine the metrics show:
     `unknown` (never reached) -> `up` <-> `degraded` (a call failed) -> `down` (`down_after`
-    failures in a row); any successful call returns it to `up`. `last_error` says why."""
+    failures in a row); any successful call returns it to `up`. `last_error` says why.
+
+    A device that answers properly but refuses a request (DeviceRejected: out of its limits) is
+    well: drivers call `ok()` for it. Timeouts, dropped connections, garbage and refused
+    logins are failures."""
 
     STATES = ("unknown", "up", "degraded", "down")
 
@@ -187,8 +191,9 @@ class SpectrumAnalyser(Protocol):
 
     async def close(self) -> None: ...
 
-    async def sweep(self, start_nm: float, stop_nm: float, timeout: float = 60.0) -> Trace:
-        """A single sweep, waiting for completion up to `timeout` seconds."""
+    async def sweep(self, start_nm: float, stop_nm: float, timeout: float | None = None) -> Trace:
+        """A single sweep, waiting for completion up to `timeout` seconds (None: the driver's
+        configured sweep timeout)."""
 
     async def channels(self) -> list[WdmChannel]:
         """WDM analysis of the last sweep."""
@@ -232,9 +237,10 @@ class CvQkdModule(KeySource, TelemetrySource, Protocol):
 
 
 def driver_class(name: str, *, file, key: str) -> type:
-    """The driver class registered under `name`. A driver class has two class methods:
+    """The driver class registered under `name` (key sources, optical switches, spectrum
+    analysers and CV-QKD modules share one registry). A driver class has two class methods:
     `check_settings(settings, file=, key=)`, which validates its settings without touching any
-    file or device, and `from_settings(settings, file=, key=)`, which builds the KeySource."""
+    file or device, and `from_settings(settings, file=, key=)`, which builds the driver."""
     found = {ep.name: ep for ep in entry_points(group=DRIVER_GROUP)}
     if name not in found:
         raise ConfigError(file, key, f"a driver registered in {DRIVER_GROUP} ({', '.join(sorted(found)) or 'none'})",
@@ -242,7 +248,7 @@ def driver_class(name: str, *, file, key: str) -> type:
     return found[name].load()
 
 
-def load_driver(name: str, settings: dict[str, Any], *, file, key: str) -> KeySource:
+def load_driver(name: str, settings: dict[str, Any], *, file, key: str) -> Any:
     """Instantiate the driver registered under `name` with its settings from the config."""
     return driver_class(name, file=file, key=key).from_settings(settings, file=file, key=_settings_key(key))
 
