@@ -21,3 +21,5 @@ test: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info qkdnode/_native*.so demo-work
+
+include mk/native.mk

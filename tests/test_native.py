@@ -218,3 +218,23 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     with pytest.raises(ImportError, match=r"make install"):
         import qkdnode.native  # noqa: F401
     assert native.xor(b"\x01", b"\x03") == b"\x02"
+
+
+@pytest.mark.parametrize("offset", [0, 1, 8, 15])
+@pytest.mark.parametrize("extra", [0, 1, 63, 65])
+def test_large_xor_with_streaming_stores(offset, extra):
+    # From 4 MiB the C code writes around the cache, 16 bytes at a time from an aligned address:
+    # an unaligned start, a tail and in-place use must still give every byte.
+    n = (4 << 20) + extra
+    rng = random.Random(offset * 100 + extra)
+    a, b = rng.randbytes(n), rng.randbytes(n)
+    expected = (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(n, "little")
+    backing = bytearray(n + 32)
+    dst = memoryview(backing)[offset : offset + n]
+    xor_into(dst, a, b)
+    assert bytes(dst) == expected
+    assert backing[:offset] == bytes(offset) and backing[offset + n :] == bytes(32 - offset)
+    in_place = bytearray(a)
+    xor_into(in_place, in_place, b)
+    assert in_place == expected
+    assert xor(a, b) == expected
