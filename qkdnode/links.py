@@ -51,8 +51,9 @@ def block_digest(salt: bytes, link: str, block_id: str, bits: bytes | bytearray)
 
 class LinkPool:
     def __init__(self, cfg: LinkConfig, node_id: str, vault: Vault, source: KeySource, peer: PeerClient,
-                 metrics: NodeMetrics):
+                 metrics: NodeMetrics, saes: dict[str, str]):
         self.cfg, self.node_id = cfg, node_id
+        self.saes = saes  # SAE ID -> node ID, to check what the peer says about a hand-out
         self.vault, self.source, self.peer, self.metrics = vault, source, peer, metrics
         self._tasks: list[asyncio.Task] = []
         self._offer_lock = asyncio.Lock()
@@ -251,7 +252,7 @@ class LinkPool:
         """The peer's SAE is the master; our SAEs are the slaves and get the bits from us."""
         if not self.cfg.is_master:
             raise BadMessage(f"node {self.node_id} is not the master end of link {self.cfg.id}")
-        master, slaves = field(body, "master", str), self._slaves(body)
+        master, slaves = self._parties(body)
         number, size = field(body, "number", int), field(body, "size", int)
         if number < 1 or size < 8 or size % 8:
             raise BadMessage("number >= 1 and size a positive multiple of 8 expected")
@@ -264,7 +265,7 @@ class LinkPool:
         """The link's master node cut keys for its SAE; keep the same bits for our slave SAEs."""
         if self.cfg.is_master:
             raise BadMessage(f"node {self.node_id} is the master end of link {self.cfg.id}; it cuts its own keys")
-        master, slaves, size = field(body, "master", str), self._slaves(body), field(body, "size", int)
+        (master, slaves), size = self._parties(body), field(body, "size", int)
         items = field(body, "keys", list)
         if size < 8 or size % 8:
             raise BadMessage("size must be a positive multiple of 8")
@@ -284,23 +285,34 @@ class LinkPool:
         await self.refresh_gauge()
         return {"discarded": len(items)}
 
-    def _slaves(self, body: dict) -> list[str]:
-        slaves = field(body, "slaves", list)
+    def _parties(self, body: dict) -> tuple[str, list[str]]:
+        """The master SAE (at the peer node) and the slave SAEs (at this node) of a peer message."""
+        master, slaves = field(body, "master", str), field(body, "slaves", list)
         if not slaves or not all(isinstance(s, str) for s in slaves):
             raise BadMessage("slaves must be a non-empty array of SAE IDs")
-        return slaves
+        if self.saes.get(master) != self.cfg.peer:
+            raise BadMessage(f"SAE {master!r} is not attached to node {self.cfg.peer}")
+        strangers = [s for s in slaves if self.saes.get(s) != self.node_id]
+        if strangers:
+            raise BadMessage(f"SAE(s) {strangers} are not attached to node {self.node_id}")
+        return master, slaves
 
     # ------------------------------------------------------------ outbox: pushes the peer must see
 
     async def _outbox_loop(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(1.0)
             try:
                 await self.flush_outbox()
+                if failing:
+                    log.info("link %s: outbox delivered again", self.cfg.id)
+                failing = False
             except asyncio.CancelledError:
                 raise
-            except QkdnodeError as exc:
-                log.warning("link %s: outbox: %s", self.cfg.id, exc)
+            except QkdnodeError as exc:  # once per outage, not once a second
+                (log.debug if failing else log.warning)("link %s: outbox: %s", self.cfg.id, exc)
+                failing = True
             except Exception:
                 log.exception("link %s: unexpected failure in the outbox loop", self.cfg.id)
 

@@ -44,7 +44,7 @@ class Node:
         for i, link in enumerate(cfg.links):
             source = load_driver(link.driver, link.settings, file=cfg.file, key=f"links[{i}].driver")
             self.pools[link.id] = LinkPool(link, cfg.node_id, self.vault, source, self.peers[link.peer],
-                                           self.metrics)
+                                           self.metrics, cfg.saes)
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []
 

@@ -46,6 +46,9 @@ async def test_only_the_links_peer_may_speak_on_it_and_bad_messages_change_nothi
             ("/peer/v1/links/A-B/allocate", {"master": "sae-a1", "slaves": ["sae-b1"], "number": 1, "size": 256},
              None),                                                                     # B is not the master end
             ("/peer/v1/links/A-B/offer", {"salt": "zz", "blocks": []}, None),
+            # Parties that do not fit the link: a slave at A, a master at B.
+            ("/peer/v1/links/A-B/keys", {"master": "sae-a1", "slaves": ["sae-a2"], "size": 256, "keys": []}, None),
+            ("/peer/v1/links/A-B/keys", {"master": "sae-b2", "slaves": ["sae-b1"], "size": 256, "keys": []}, None),
             ("/peer/v1/links/A-B/keys", {"master": "sae-a1", "slaves": ["sae-b1"], "size": 256,
                                          "keys": [{"key_ID": str(uuid.uuid4()), "ranges": [[block, 0, -5]]}]}, None),
         ]
