@@ -149,9 +149,11 @@ class OpticalSwitch(Protocol):
         """The current map, ingress port -> egress port."""
 
     async def connect_ports(self, pairs: dict[int, int]) -> None:
-        """Add these cross-connects, keeping all others."""
+        """Add these cross-connects, keeping all others. A port already connected elsewhere is
+        moved (its old partner loses its path), so the classical-port check covers both ends."""
 
-    async def disconnect_ports(self, ingress: list[int]) -> None: ...
+    async def disconnect_ports(self, ingress: list[int]) -> None:
+        """Remove the cross-connects of these ingress ports."""
 
     async def replace_map(self, pairs: dict[int, int]) -> None:
         """Make the map exactly `pairs` (touching only ports that change)."""

@@ -1,0 +1,519 @@
+"""HUBER+SUHNER Polatis optical switch over VISA: SCPI on the unit's raw socket
+(`TCPIP::host::5025::SOCKET`) through pyvisa, with the pure-Python pyvisa-py backend by default.
+
+Ingress ports are 1..N and egress ports N+1..N+M, as the unit numbers them. Every change is one
+program message, `SUB` of the pairs that go then `ADD` of the pairs that come, ended by `*OPC?`;
+then the error queue (`:SYST:ERR?`) is drained and the map is read back. A device error raises
+DeviceRejected, a map that reads back otherwise raises SwitchMismatch; both name what happened.
+Only ports whose connection changes are touched. A change that would touch a port the config
+lists in `classical_ports` is refused before any change is sent: at once, with nothing sent at
+all, when the request names such a port, else after reading the map (a query, no change).
+
+pyvisa is blocking: each call runs in a worker thread behind a per-instrument asyncio.Lock (and a
+thread lock, so a cancelled call's thread finishes before the next one starts). Timeouts and
+terminations are set explicitly. After a timeout, a drop or a reply that follows no protocol the
+session is closed, since a late answer could pair with the next question; the next call reopens
+it. A failed reopen waits `backoff` seconds before the next attempt, doubling up to
+`backoff_max`; calls in between fail at once. `health` (interfaces.DeviceHealth) follows every
+call; a refused request (classical port, no such port) is the caller's error and leaves it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import select
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyvisa
+from pyvisa import constants as visa_constants
+from pyvisa.errors import VisaIOError
+
+from qkdnode.errors import ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable, DriverError
+from qkdnode.interfaces import DeviceHealth
+
+log = logging.getLogger("drivers.polatis")
+
+DEFAULTS: dict[str, Any] = {"timeout": 2.0, "switch_timeout": 5.0, "classical_ports": [], "backoff": 0.5,
+                            "backoff_max": 30.0, "down_after": 3, "visa_library": "@py"}
+_SETTINGS = set(DEFAULTS) | {"resource", "name", "monitor_ports"}
+MAX_ERRORS_DRAINED = 64
+MONITOR_CHUNK = 256                 # ports per power monitor query, as public drivers do
+
+_ERROR = re.compile(r'\s*([+-]?\d+)\s*,\s*"((?:[^"]|"")*)"\s*')
+_MAP = re.compile(r"\s*\(@([\d,:\s]*)\)\s*,\s*\(@([\d,:\s]*)\)\s*")
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+
+_rm_lock = threading.Lock()         # pyvisa's ResourceManager is one per VISA library and process
+
+
+class ClassicalPortRefused(DriverError):
+    """The change would touch ports the config marks as carrying classical traffic; nothing was changed."""
+
+    def __init__(self, switch: str, ports: set[int], action: str):
+        self.ports = tuple(sorted(ports))
+        listed = ", ".join(str(p) for p in self.ports)
+        super().__init__(f"{switch}: refused to {action}: port{'s' if len(self.ports) > 1 else ''} {listed} "
+                         "carr{} classical traffic (classical_ports in the config); no change was sent"
+                         .format("y" if len(self.ports) > 1 else "ies"))
+
+
+class PortOutOfRange(DeviceRejected):
+    """The request names a port the switch does not have, or an egress port twice; nothing was sent."""
+
+
+class SwitchMismatch(DriverError):
+    """The switch accepted the change but its map reads back otherwise (a path did not take)."""
+
+    def __init__(self, switch: str, expected: dict[int, int], found: dict[int, int]):
+        self.expected, self.found = dict(expected), dict(found)
+        diffs = [f"ingress {i}: expected {expected.get(i, 'none')}, reads {found.get(i, 'none')}"
+                 for i in sorted(set(expected) | set(found)) if expected.get(i) != found.get(i)]
+        super().__init__(f"{switch}: the map read back after the change differs: {'; '.join(diffs)}")
+
+
+@dataclass(frozen=True)
+class ScpiError:
+    """One entry of the unit's error queue, with the program message it followed (None if stale)."""
+
+    code: int
+    message: str
+    after: str | None
+    at: float
+
+    def __str__(self) -> str:
+        return f'{self.code},"{self.message}"'
+
+
+class PolatisSwitch:
+    """An all-optical Polatis switch (or one that speaks its SCPI set) reached over VISA."""
+
+    def __init__(self, *, resource: str, name: str | None = None, timeout: float = 2.0,
+                 switch_timeout: float = 5.0, classical_ports: list[int] | tuple[int, ...] = (),
+                 monitor_ports: list[int] | None = None, backoff: float = 0.5, backoff_max: float = 30.0,
+                 down_after: int = 3, visa_library: str = "@py"):
+        self.resource = resource
+        self.name = name or resource
+        self.timeout, self.switch_timeout = float(timeout), float(switch_timeout)
+        self.classical_ports = frozenset(classical_ports)
+        self.monitor_ports = None if monitor_ports is None else sorted(set(monitor_ports))
+        self.backoff, self.backoff_max = float(backoff), float(backoff_max)
+        self.visa_library = visa_library
+        self.health = DeviceHealth(down_after, on_change=self._health_changed)
+        self.idn: str | None = None
+        self.device_errors: deque[ScpiError] = deque(maxlen=100)   # every error the unit reported, newest last
+        self._size: tuple[int, int] | None = None
+        self._inst = None
+        self._lock = asyncio.Lock()
+        self._io = threading.Lock()
+        self._delay = self.backoff
+        self._retry_at = 0.0
+        self._open_error = ""
+
+    # -- settings
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any], *, file, key: str) -> dict[str, Any]:
+        """Names and types of a switch's settings, merged over the defaults. Touches no device."""
+        def err(name: str, expected: str, found: object = None, missing: bool = False) -> ConfigError:
+            return ConfigError(file, f"{key}.{name}", expected, found, missing=missing)
+
+        for name in settings:
+            if name not in _SETTINGS:
+                raise ConfigError(file, f"{key}.{name}", f"one of {', '.join(sorted(_SETTINGS))}",
+                                  shown="a setting this driver does not know (its value is not shown)")
+        m = {**DEFAULTS, **settings}
+        res = m.get("resource")
+        if not isinstance(res, str) or "::" not in res:
+            raise err("resource", 'a VISA resource string such as "TCPIP::192.0.2.10::5025::SOCKET"', res,
+                      missing="resource" not in m)
+        if "name" in m and (not isinstance(m["name"], str) or not m["name"]):
+            raise err("name", "a non-empty string", m["name"])
+        if not isinstance(m["visa_library"], str):
+            raise err("visa_library", 'a string ("@py" for pyvisa-py, "" for the system VISA)', m["visa_library"])
+        for name in ("timeout", "switch_timeout", "backoff", "backoff_max"):
+            v = m[name]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or \
+                    (name.endswith("timeout") and v == 0):
+                raise err(name, "a positive number of seconds" if name.endswith("timeout")
+                          else "a non-negative number of seconds", v)
+        if m["backoff_max"] < m["backoff"]:
+            raise err("backoff_max", f"at least backoff ({m['backoff']})", m["backoff_max"])
+        if not isinstance(m["down_after"], int) or isinstance(m["down_after"], bool) or m["down_after"] < 1:
+            raise err("down_after", "a positive integer (failures in a row)", m["down_after"])
+        for name in ("classical_ports", "monitor_ports"):
+            if name not in m:
+                continue
+            v = m[name]
+            if not isinstance(v, list) or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0
+                                                  for p in v):
+                raise err(name, "a list of port numbers (positive integers)", v)
+            if len(set(v)) != len(v):
+                raise err(name, "a list of port numbers without repeats", v)
+        return m
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], *, file, key: str) -> "PolatisSwitch":
+        m = cls.check_settings(settings, file=file, key=key)
+        return cls(resource=m["resource"], name=m.get("name"), timeout=m["timeout"],
+                   switch_timeout=m["switch_timeout"], classical_ports=m["classical_ports"],
+                   monitor_ports=m.get("monitor_ports"), backoff=m["backoff"], backoff_max=m["backoff_max"],
+                   down_after=m["down_after"], visa_library=m["visa_library"])
+
+    # -- lifecycle
+
+    async def connect(self) -> None:
+        """Open the session now (calls open it themselves when needed)."""
+        await self._call(lambda: None)
+
+    async def close(self) -> None:
+        """Close the session; a later call opens a new one."""
+        async with self._lock:
+            await asyncio.to_thread(self._in_thread, self._close_session)
+
+    # -- OpticalSwitch
+
+    async def size(self) -> tuple[int, int]:
+        return await self._call(self._read_size)
+
+    async def cross_connects(self) -> dict[int, int]:
+        return await self._call(self._read_map)
+
+    async def connect_ports(self, pairs: dict[int, int]) -> None:
+        pairs = _int_pairs(self.name, pairs)
+        self._refuse_named(set(pairs) | set(pairs.values()), "connect")
+
+        def target(current: dict[int, int]) -> dict[int, int]:
+            out = {i: e for i, e in current.items() if i not in pairs and e not in pairs.values()}
+            out.update(pairs)
+            return out
+        await self._call(self._change, pairs, target, "connect")
+
+    async def disconnect_ports(self, ingress: list[int]) -> None:
+        ports = _int_ports(self.name, ingress)
+        self._refuse_named(set(ports), "disconnect")
+        await self._call(self._change, {i: None for i in ports},
+                         lambda current: {i: e for i, e in current.items() if i not in ports}, "disconnect")
+
+    async def replace_map(self, pairs: dict[int, int]) -> None:
+        pairs = _int_pairs(self.name, pairs)
+        await self._call(self._change, pairs, lambda current: dict(pairs), "replace the map")
+
+    async def port_powers(self) -> dict[int, float]:
+        return await self._call(self._read_powers)
+
+    # -- more of the unit
+
+    async def port_states(self) -> dict[int, str]:
+        """Each port's state: "enabled", "disabled" (shutter closed), or the unit's own letter in lower case."""
+        return await self._call(self._read_port_states)
+
+    async def partner(self, port: int) -> int | None:
+        """The port `port` is connected to, or None."""
+        (port,) = _int_ports(self.name, [port])
+        return await self._call(self._read_partner, port)
+
+    async def error_queue(self) -> list[ScpiError]:
+        """Drain the unit's error queue now; the entries are also kept in `device_errors`."""
+        return await self._call(self._drain_errors, None)
+
+    # -- plumbing on the event loop
+
+    async def _call(self, fn: Callable, *args):
+        async with self._lock:
+            try:
+                result = await asyncio.to_thread(self._in_thread, self._opened(fn), *args)
+            except (ClassicalPortRefused, PortOutOfRange):
+                raise                                 # the caller's mistake; the unit was not asked
+            except DeviceRejected:
+                self.health.ok()                      # the unit answered properly and said no
+                raise
+            except Exception as exc:
+                self.health.failed(exc)
+                raise
+            self.health.ok()
+            return result
+
+    def _health_changed(self, old: str, new: str) -> None:
+        level = logging.INFO if new == "up" else logging.WARNING
+        log.log(level, "%s: health %s -> %s%s", self.name, old, new,
+                f" ({self.health.last_error})" if new != "up" else "")
+
+    def _refuse_named(self, ports: set[int], action: str) -> None:
+        hit = ports & self.classical_ports
+        if hit:
+            raise ClassicalPortRefused(self.name, hit, action)
+
+    # -- in the worker thread
+
+    def _in_thread(self, fn: Callable, *args):
+        with self._io:
+            return fn(*args)
+
+    def _opened(self, fn: Callable) -> Callable:
+        def run(*args):
+            self._ensure_open()
+            return fn(*args)
+        return run
+
+    def _ensure_open(self) -> None:
+        if self._inst is not None:
+            if not self._peer_spoke():
+                return
+            log.info("%s: the unit closed the session or sent unasked data; reopening", self.name)
+            self._close_session()
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            raise DeviceUnavailable(f"{self.name}: not reconnected; next attempt in {wait:.1f} s "
+                                    f"(last error: {self._open_error})")
+        try:
+            self._open()
+        except DriverError as exc:
+            self._close_session()
+            self._retry_at = time.monotonic() + self._delay
+            self._delay = min(self._delay * 2, self.backoff_max)
+            self._open_error = str(exc)[:200]
+            raise
+        self._retry_at, self._delay = 0.0, self.backoff
+
+    def _open(self) -> None:
+        ms = int(self.timeout * 1000)
+        try:
+            with _rm_lock:
+                rm = pyvisa.ResourceManager(self.visa_library)
+                self._inst = rm.open_resource(self.resource, read_termination="\n", write_termination="\n",
+                                              timeout=ms, open_timeout=ms)
+        except Exception as exc:
+            raise DeviceUnavailable(f"{self.name}: cannot open {self.resource}: {exc}") from None
+        idn = self._ask("*IDN?")
+        if len(idn.split(",")) < 4 or not idn.isprintable():
+            raise self._garbled("*IDN?", idn, "maker,model,serial,firmware")
+        self.idn = idn
+        n, m = self._read_size()
+        stale = self._drain_errors(None)
+        if stale:
+            log.warning("%s: errors queued before this session: %s", self.name, "; ".join(map(str, stale)))
+        beyond = sorted(p for p in self.classical_ports if p > n + m)
+        if beyond:
+            log.warning("%s: classical_ports %s are beyond this %dx%d switch: check the config", self.name,
+                        beyond, n, m)
+        log.info("%s: opened %s (%s)", self.name, self.resource, idn)
+
+    def _close_session(self) -> None:
+        inst, self._inst = self._inst, None
+        if inst is not None:
+            try:
+                inst.close()
+            except Exception as exc:                  # a session pyvisa-py already tore down
+                log.debug("%s: closing the session: %s", self.name, exc)
+
+    def _socket(self):
+        """The session's TCP socket when the backend is pyvisa-py, else None (diagnosis only)."""
+        try:
+            sock = getattr(self._inst.visalib.sessions[self._inst.session], "interface", None)
+        except Exception:
+            return None
+        return sock if isinstance(sock, socket.socket) else None
+
+    def _peer_spoke(self) -> bool:
+        """Whether the socket has something to read between calls: the unit closed it, or sent data
+        nobody asked for. Either way the session cannot be trusted for the next question."""
+        sock = self._socket()
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def _peer_closed(self) -> bool:
+        sock = self._socket()
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _ask(self, command: str, timeout: float | None = None) -> str:
+        """Send one program message and read its response message."""
+        inst = self._inst
+        if inst is None:
+            raise DeviceUnavailable(f"{self.name}: the session was closed")
+        t = timeout or self.timeout
+        try:
+            if inst.timeout != t * 1000:
+                inst.timeout = t * 1000
+            inst.write(command)
+            raw = inst.read_raw()
+        except VisaIOError as exc:
+            if exc.error_code == visa_constants.StatusCode.error_timeout:
+                reason = "the unit closed the connection" if self._peer_closed() else f"no answer within {t:g} s"
+            else:
+                reason = f"VISA error {exc.abbreviation}"
+            self._close_session()
+            raise DeviceUnavailable(f"{self.name}: {command!r}: {reason}") from None
+        except (OSError, AttributeError) as exc:       # pyvisa-py lets socket errors through
+            self._close_session()
+            raise DeviceUnavailable(f"{self.name}: {command!r}: connection lost ({exc.__class__.__name__}: "
+                                    f"{exc})") from None
+        try:
+            return raw.decode("ascii").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise self._garbled(command, raw.decode("latin-1").rstrip("\r\n"), "ASCII") from None
+
+    def _garbled(self, command: str, reply: str, expected: str) -> DeviceProtocolError:
+        self._close_session()                          # what comes next on this session cannot be trusted
+        return DeviceProtocolError(f"{self.name}: {command!r} answered {reply[:80]!r}, expected {expected}")
+
+    def _drain_errors(self, after: str | None) -> list[ScpiError]:
+        found: list[ScpiError] = []
+        for _ in range(MAX_ERRORS_DRAINED):
+            reply = self._ask(":SYST:ERR?")
+            m = _ERROR.fullmatch(reply)
+            if not m:
+                raise self._garbled(":SYST:ERR?", reply, 'an error entry such as 0,"No error"')
+            if int(m[1]) == 0:
+                return found
+            entry = ScpiError(int(m[1]), m[2].replace('""', '"'), after, time.time())
+            found.append(entry)
+            self.device_errors.append(entry)
+            log.warning("%s: the unit reports %s%s", self.name, entry, f" after {after!r}" if after else "")
+        raise DeviceProtocolError(f"{self.name}: the error queue did not empty after {MAX_ERRORS_DRAINED} reads")
+
+    def _read_size(self) -> tuple[int, int]:
+        reply = self._ask(":OXC:SWIT:SIZE?")
+        m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", reply)
+        if not m or not (0 < int(m[1]) <= 10_000 and 0 < int(m[2]) <= 10_000):
+            raise self._garbled(":OXC:SWIT:SIZE?", reply, "N,M")
+        self._size = (int(m[1]), int(m[2]))
+        return self._size
+
+    def _read_map(self) -> dict[int, int]:
+        command = ":OXC:SWIT:CONN:STAT?"
+        reply = self._ask(command)
+        m = _MAP.fullmatch(reply)
+        try:
+            ins, outs = _channels(m[1]), _channels(m[2])
+        except (TypeError, ValueError):
+            raise self._garbled(command, reply, "(@ingress,...),(@egress,...)") from None
+        found = dict(zip(ins, outs))
+        if len(ins) != len(outs) or len(found) != len(ins) or len(set(outs)) != len(outs):
+            raise self._garbled(command, reply, "two lists of the same length, each port once")
+        return found
+
+    def _read_partner(self, port: int) -> int | None:
+        n, m = self._size
+        if not 1 <= port <= n + m:
+            raise PortOutOfRange(f"{self.name}: no port {port} on this {n}x{m} switch; nothing was sent")
+        command = f":OXC:SWIT:CONN:PORT? {port}"
+        reply = self._ask(command)
+        if not re.fullmatch(r"\s*\d*\s*", reply):
+            raise self._garbled(command, reply, "a port number (0 or nothing if unconnected)")
+        return int(reply) if reply.strip() and int(reply) else None
+
+    def _read_port_states(self) -> dict[int, str]:
+        n, m = self._size
+        command = ":OXC:SWIT:PORT:STAT?"
+        reply = self._ask(command)
+        body = re.fullmatch(r"\s*\(?([A-Za-z,\s]*)\)?\s*", reply)
+        states = [s.strip().upper() for s in body[1].split(",")] if body else []
+        if len(states) != n + m or not all(re.fullmatch(r"[A-Z]", s) for s in states):
+            raise self._garbled(command, reply, f"({n + m} letters such as E,D,...)")
+        names = {"E": "enabled", "D": "disabled"}
+        return {p: names.get(s, s.lower()) for p, s in enumerate(states, start=1)}
+
+    def _read_powers(self) -> dict[int, float]:
+        n, m = self._size
+        ports = self.monitor_ports if self.monitor_ports is not None else list(range(1, n + m + 1))
+        out: dict[int, float] = {}
+        for k in range(0, len(ports), MONITOR_CHUNK):
+            chunk = ports[k:k + MONITOR_CHUNK]
+            command = f":PMON:POW? (@{','.join(map(str, chunk))})"
+            reply = self._ask(command)
+            body = re.fullmatch(r"\s*\(?([^()]*)\)?\s*", reply)
+            values = [v.strip() for v in body[1].split(",")] if body else []
+            if len(values) != len(chunk) or not all(re.fullmatch(_NUMBER, v) for v in values):
+                raise self._garbled(command, reply, f"({len(chunk)} powers in dBm)")
+            out.update(zip(chunk, map(float, values)))
+        return out
+
+    def _check_range(self, pairs: dict[int, int | None]) -> None:
+        n, m = self._size
+        bad = [f"ingress {i}" for i in pairs if not 1 <= i <= n]
+        bad += [f"egress {e}" for e in pairs.values() if e is not None and not n < e <= n + m]
+        if bad:
+            raise PortOutOfRange(f"{self.name}: no such port on this {n}x{m} switch (ingress 1..{n}, egress "
+                                 f"{n + 1}..{n + m}): {', '.join(bad)}; nothing was sent")
+
+    def _change(self, pairs: dict[int, int | None], target_of: Callable, action: str) -> None:
+        self._check_range(pairs)
+        current = self._read_map()
+        target = target_of(current)
+        gone = {i: e for i, e in current.items() if target.get(i) != e}
+        come = {i: e for i, e in target.items() if current.get(i) != e}
+        touched = set(gone) | set(gone.values()) | set(come) | set(come.values())
+        if touched & self.classical_ports:
+            raise ClassicalPortRefused(self.name, touched & self.classical_ports, action)
+        if not touched:
+            return
+        units = []
+        if gone:
+            units.append(f":OXC:SWIT:CONN:SUB {_lists(gone)}")
+        if come:
+            units.append(f":OXC:SWIT:CONN:ADD {_lists(come)}")
+        change = ";".join(units)
+        reply = self._ask(change + ";*OPC?", timeout=max(self.switch_timeout, self.timeout))
+        if not re.fullmatch(r"\s*\+?1\s*", reply):
+            raise self._garbled(change + ";*OPC?", reply, "1 (operation complete)")
+        errors = self._drain_errors(change)
+        found = self._read_map()
+        if errors:
+            raise DeviceRejected(f"{self.name}: the unit rejected {change!r}: {'; '.join(map(str, errors))}; "
+                                 f"map now {_show(found)}")
+        if found != target:
+            raise SwitchMismatch(self.name, target, found)
+        log.info("%s: %s: %s", self.name, action, change)
+
+
+def _channels(body: str) -> list[int]:
+    out: list[int] = []
+    for item in filter(None, (s.strip() for s in body.split(","))):
+        lo, _, hi = item.partition(":")
+        first, last = int(lo), int(hi or lo)
+        if not 0 < first <= last < first + 10_000:
+            raise ValueError(item)
+        out.extend(range(first, last + 1))
+    return out
+
+
+def _lists(pairs: dict[int, int]) -> str:
+    items = sorted(pairs.items())
+    return f"(@{','.join(str(i) for i, _ in items)}),(@{','.join(str(e) for _, e in items)})"
+
+
+def _show(pairs: dict[int, int]) -> str:
+    return "{" + ", ".join(f"{i}->{e}" for i, e in sorted(pairs.items())) + "}"
+
+
+def _int_ports(switch: str, ports) -> list[int]:
+    ports = list(ports)
+    if not all(isinstance(p, int) and not isinstance(p, bool) for p in ports):
+        raise PortOutOfRange(f"{switch}: port numbers must be integers, got {ports!r}; nothing was sent")
+    return ports
+
+
+def _int_pairs(switch: str, pairs: dict[int, int]) -> dict[int, int]:
+    pairs = dict(pairs)
+    _int_ports(switch, list(pairs) + list(pairs.values()))
+    if len(set(pairs.values())) != len(pairs):
+        raise PortOutOfRange(f"{switch}: an egress port appears twice in {_show(pairs)}; nothing was sent")
+    return pairs
