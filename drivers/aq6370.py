@@ -43,7 +43,8 @@ from qkdnode.errors import (
     DeviceUnavailable,
     DriverError,
 )
-from qkdnode.interfaces import DeviceHealth, Trace, WdmChannel, itu_channel, itu_frequency_thz, nm_to_thz
+from qkdnode.interfaces import (DeviceHealth, Trace, WdmChannel, driver_settings, itu_channel, itu_frequency_thz,
+                                nm_to_thz)
 
 log = logging.getLogger("drivers.aq6370")
 
@@ -105,14 +106,7 @@ class Aq6370:
     def check_settings(cls, settings: dict[str, Any], *, file, key: str) -> dict[str, Any]:
         """Names, types and ranges of an OSA's settings, merged over the defaults. Touches no
         device and no file."""
-        def err(name: str, expected: str, found: object = None, missing: bool = False) -> ConfigError:
-            return ConfigError(file, f"{key}.{name}", expected, found, missing=missing)
-
-        for name in settings:
-            if name not in _SETTINGS:
-                raise ConfigError(file, f"{key}.{name}", f"one of {', '.join(sorted(_SETTINGS))}",
-                                  shown="a setting this driver does not know (its value is not shown)")
-        m = {**_DEFAULTS, **settings}
+        m, err = driver_settings(settings, file=file, key=key, known=_SETTINGS, defaults=_DEFAULTS)
         resource = m.get("resource")
         if not isinstance(resource, str) or not _SOCKET_RESOURCE.match(resource):
             raise err("resource", "a VISA socket resource like TCPIP::192.0.2.7::10001::SOCKET", resource,

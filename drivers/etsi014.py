@@ -23,14 +23,13 @@ from typing import Any
 import aiohttp
 
 from qkdnode.errors import (
-    ConfigError,
     DeviceProtocolError,
     DeviceRejected,
     DeviceUnauthorized,
     DeviceUnavailable,
     DeviceUntrusted,
 )
-from qkdnode.interfaces import KeyBlock, SourceStatus
+from qkdnode.interfaces import KeyBlock, SourceStatus, driver_settings
 from qkdnode.tlsutil import checked, client_context
 
 log = logging.getLogger("drivers.etsi014")
@@ -66,13 +65,7 @@ class Etsi014KeySource:
     def check_settings(cls, settings: dict[str, Any], *, file, key: str) -> dict[str, Any]:
         """Names, types and the profile of a link's settings, merged over the profile's defaults.
         Touches no file: `qkdnode check-config --no-files` runs it on a staging host."""
-        def err(name: str, expected: str, found: object = None, missing: bool = False) -> ConfigError:
-            return ConfigError(file, f"{key}.{name}", expected, found, missing=missing)
-
-        for name in settings:
-            if name not in _SETTINGS:
-                raise ConfigError(file, f"{key}.{name}", f"one of {', '.join(sorted(_SETTINGS))}",
-                                  shown="a setting this driver does not know (its value is not shown)")
+        _, err = driver_settings(settings, file=file, key=key, known=_SETTINGS, defaults={})
         profile = settings.get("profile", "idq")
         if profile not in PROFILES:
             raise err("profile", f"one of {', '.join(PROFILES)}", profile)

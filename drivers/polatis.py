@@ -35,8 +35,8 @@ import pyvisa
 from pyvisa import constants as visa_constants
 from pyvisa.errors import VisaIOError
 
-from qkdnode.errors import ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable, DriverError
-from qkdnode.interfaces import DeviceHealth
+from qkdnode.errors import DeviceProtocolError, DeviceRejected, DeviceUnavailable, DriverError
+from qkdnode.interfaces import DeviceHealth, driver_settings
 
 log = logging.getLogger("drivers.polatis")
 
@@ -121,14 +121,7 @@ class PolatisSwitch:
     @classmethod
     def check_settings(cls, settings: dict[str, Any], *, file, key: str) -> dict[str, Any]:
         """Names and types of a switch's settings, merged over the defaults. Touches no device."""
-        def err(name: str, expected: str, found: object = None, missing: bool = False) -> ConfigError:
-            return ConfigError(file, f"{key}.{name}", expected, found, missing=missing)
-
-        for name in settings:
-            if name not in _SETTINGS:
-                raise ConfigError(file, f"{key}.{name}", f"one of {', '.join(sorted(_SETTINGS))}",
-                                  shown="a setting this driver does not know (its value is not shown)")
-        m = {**DEFAULTS, **settings}
+        m, err = driver_settings(settings, file=file, key=key, known=_SETTINGS, defaults=DEFAULTS)
         res = m.get("resource")
         if not isinstance(res, str) or "::" not in res:
             raise err("resource", 'a VISA resource string such as "TCPIP::192.0.2.10::5025::SOCKET"', res,

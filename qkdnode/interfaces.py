@@ -238,6 +238,23 @@ class CvQkdModule(KeySource, TelemetrySource, Protocol):
     async def set_modulation(self, photons_per_symbol: float) -> None: ...
 
 
+def driver_settings(settings: dict[str, Any], *, file, key: str, known: set[str],
+                    defaults: dict[str, Any]) -> tuple[dict[str, Any], Callable[..., ConfigError]]:
+    """The first step of every driver's `check_settings`: refuse setting names the driver does
+    not know (without echoing their values: they could be misplaced secrets), merge the rest
+    over the driver's defaults, and give an `err(name, expected, found=None, missing=False)`
+    that builds a ConfigError naming `key.name`."""
+    for name in settings:
+        if name not in known:
+            raise ConfigError(file, f"{key}.{name}", f"one of {', '.join(sorted(known))}",
+                              shown="a setting this driver does not know (its value is not shown)")
+
+    def err(name: str, expected: str, found: object = None, missing: bool = False) -> ConfigError:
+        return ConfigError(file, f"{key}.{name}", expected, found, missing=missing)
+
+    return {**defaults, **settings}, err
+
+
 def driver_class(name: str, *, file, key: str) -> type:
     """The driver class registered under `name` (key sources, optical switches, spectrum
     analysers and CV-QKD modules share one registry). A driver class has two class methods:

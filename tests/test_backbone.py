@@ -3,7 +3,6 @@
 Every test here runs real processes on loopback with real TLS; the SAEs know only testbed.json.
 """
 
-import asyncio
 import base64
 import signal
 import uuid
