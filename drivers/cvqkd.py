@@ -30,7 +30,7 @@ from typing import Any, Callable
 import serial
 
 from qkdnode.errors import ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable, DriverError
-from qkdnode.interfaces import DeviceHealth, KeyBlock, LinkTelemetry, SourceStatus
+from qkdnode.interfaces import DeviceHealth, KeyBlock, LinkTelemetry, SourceStatus, driver_settings
 
 log = logging.getLogger("drivers.cvqkd")
 
@@ -233,9 +233,6 @@ class CvQkdSerial:
     @classmethod
     def check_settings(cls, settings: dict[str, Any], *, file, key: str) -> dict[str, Any]:
         """Names, types and ranges of the settings, merged over the defaults. Touches no device."""
-        def err(name: str, expected: str, found: object = None, missing: bool = False) -> ConfigError:
-            return ConfigError(file, f"{key}.{name}", expected, found, missing=missing)
-
         def number(name: str, lo: float, hi: float, what: str) -> None:
             v = merged[name]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
@@ -243,11 +240,7 @@ class CvQkdSerial:
 
         if not isinstance(settings, dict):
             raise ConfigError(file, key, "a table of settings", settings)
-        for name in settings:
-            if name not in _SETTINGS:
-                raise ConfigError(file, f"{key}.{name}", f"one of {', '.join(sorted(_SETTINGS))}",
-                                  shown="a setting this driver does not know (its value is not shown)")
-        merged = {**_DEFAULTS, **settings}
+        merged, err = driver_settings(settings, file=file, key=key, known=_SETTINGS, defaults=_DEFAULTS)
         if not isinstance(merged.get("port"), str) or not merged["port"].strip():
             raise err("port", "a serial device path (/dev/ttyUSB0, /dev/serial/by-id/...) or a pyserial URL "
                       "(socket://host:port)", merged.get("port"), missing="port" not in merged)
