@@ -63,7 +63,8 @@ class KeySource(Protocol):
         """Up to `max_bits` of fresh key (at least one block if any is available)."""
 
     async def fetch_by_ids(self, block_ids: list[str]) -> list[KeyBlock]:
-        """The blocks with these IDs, in the same order; DeviceRejected if the device has none of them."""
+        """The blocks with these IDs, in the same order; DeviceRejected (naming them) if the device
+        lacks any of them, so the caller can ask one by one to find which."""
 
     async def status(self) -> SourceStatus: ...
 
