@@ -19,6 +19,7 @@ from aiohttp import web
 
 from qkdnode.errors import (
     CarveConflict,
+    NoRoute,
     NotYourKey,
     PeerRejected,
     PeerUnavailable,
@@ -77,24 +78,16 @@ def make_api_app(node: "Node") -> web.Application:
             raise ApiError(401, f"SAE {sae} is attached to node {cfg.saes[sae]}, not to node {cfg.node_id}")
         return sae
 
-    def pool_for(master: str, slaves: list[str]):
-        nodes = set()
+    def check_slaves(master: str, slaves: list[str]) -> None:
+        """Slaves are registered SAEs of other nodes (adjacent or not: keys are relayed)."""
         for s in slaves:
             if s not in cfg.saes:
                 raise ApiError(400, f"unknown SAE ID {s!r}", parameter="slave_SAE_ID", value=s)
-            nodes.add(cfg.saes[s])
         if master in slaves:
             raise ApiError(400, f"SAE {master} cannot be its own slave")
-        if cfg.node_id in nodes:
+        if any(cfg.saes[s] == cfg.node_id for s in slaves):
             raise ApiError(400, "every slave SAE must be attached to another node than the master SAE's "
                                 f"(node {cfg.node_id})")
-        if len(nodes) > 1:
-            raise ApiError(400, f"all slave SAEs must be attached to one node; these are on {sorted(nodes)}")
-        peer = nodes.pop()
-        pool = node.pool_to(peer)
-        if pool is None:
-            raise ApiError(503, f"node {cfg.node_id} has no QKD link to node {peer}")
-        return pool
 
     def limits_check(number: Any, size: Any, extra_slaves: list[str]) -> None:
         k = cfg.keys
@@ -140,14 +133,18 @@ def make_api_app(node: "Node") -> web.Application:
     async def status(request: web.Request) -> web.Response:
         master = caller_of(request)
         slave = request.match_info["sae"]
-        pool = pool_for(master, [slave])
-        free = await pool.refresh_gauge()
+        check_slaves(master, [slave])
+        target = cfg.saes[slave]
+        pool = node.pool_to(target)
+        if pool is not None:
+            await pool.refresh_gauge()
+        ready, capacity = node.router.ready_bits_to(target)
         k = cfg.keys
         return web.json_response({
-            "source_KME_ID": cfg.node_id, "target_KME_ID": pool.cfg.peer,
+            "source_KME_ID": cfg.node_id, "target_KME_ID": target,
             "master_SAE_ID": master, "slave_SAE_ID": slave,
-            "key_size": k.key_size, "stored_key_count": free * 8 // k.key_size,
-            "max_key_count": pool.cfg.pool_target_bits // k.key_size,
+            "key_size": k.key_size, "stored_key_count": ready // k.key_size,
+            "max_key_count": capacity // k.key_size,
             "max_key_per_request": k.max_key_per_request, "max_key_size": k.max_key_size,
             "min_key_size": k.min_key_size, "max_SAE_ID_count": k.max_SAE_ID_count,
         })
@@ -179,10 +176,10 @@ def make_api_app(node: "Node") -> web.Application:
                                parameter="extension_mandatory")
         limits_check(number, size, extra)
         slaves = [slave, *extra]
-        pool = pool_for(master, slaves)
+        check_slaves(master, slaves)
         try:
-            handouts = await pool.hand_out(master, slaves, number, size)
-        except PoolExhausted as exc:
+            handouts = await node.hand_out(master, slaves, number, size)
+        except (PoolExhausted, NoRoute) as exc:
             raise ApiError(503, f"not enough key: {exc}") from None
         except (PeerUnavailable, PeerRejected, CarveConflict) as exc:
             log.warning("enc_keys for %s: %s", master, exc)
@@ -222,7 +219,7 @@ def make_api_app(node: "Node") -> web.Application:
         if master not in cfg.saes:
             raise ApiError(400, f"unknown master SAE ID {master!r}", parameter="master_SAE_ID")
         try:
-            keys = await node.vault.run(node.vault.deliver, slave, master, ids)
+            keys = await node.deliver(slave, master, ids)
         except UnknownKey as exc:
             raise ApiError(400, str(exc), parameter="key_ID", value=exc.key_id) from None
         except NotYourKey as exc:

@@ -87,7 +87,8 @@ class NodeConfig:
     keys: KeyLimits
     peers: dict[str, PeerConfig]
     links: tuple[LinkConfig, ...]
-    saes: dict[str, str]  # SAE ID -> node ID
+    saes: dict[str, str]  # SAE ID -> node ID (any node of the network; others are reached by relay)
+    routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> static path, next hop first
 
     def link_to(self, node_id: str) -> LinkConfig | None:
         for link in self.links:
@@ -304,7 +305,7 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         if any(other.id == link.id for other in links):
             raise t.error("id", "an id no other link has", link.id)
         if any(other.peer == link.peer for other in links):
-            raise t.error("peer", "one link per peer node (key combining of several links comes later)",
+            raise t.error("peer", "one link per peer node (two devices on one span: the `combined` driver)",
                           link.peer)
         # Relative paths in driver settings follow the same rule as everywhere else.
         settings = dict(link.settings)
@@ -326,10 +327,21 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
             # Identities are certificate commonNames under one CA: an SAE named like a node could
             # speak for that node on the peer channel.
             raise saes_t.error(sae_id, "an SAE ID that is not also a node ID", sae_id)
-        saes[sae_id] = saes_t.string(sae_id)
-        if saes[sae_id] != node_id and saes[sae_id] not in peers:
-            raise saes_t.error(sae_id, f"this node ({node_id}) or a node listed under [peers]", saes[sae_id])
+        saes[sae_id] = _ident(saes_t, sae_id)
     saes_t.finish()
+
+    routes_t = top.table("routes", {})
+    routes: dict[str, tuple[str, ...]] = {}
+    link_peers = {link.peer for link in links}
+    for dest in list(routes_t.data):
+        expected = (f"a path to node {dest}: an array of node IDs, the next hop first (a node this node has a "
+                    f"link to: {', '.join(sorted(link_peers)) or 'none'}) and {dest} last, no node twice")
+        path = routes_t.get(dest, expected, list)
+        if not (path and all(isinstance(n, str) and _is_ident(n) for n in path) and path[0] in link_peers
+                and path[-1] == dest and len(set(path)) == len(path) and node_id not in path):
+            raise routes_t.error(dest, expected, path)
+        routes[dest] = tuple(path)
+    routes_t.finish()
     top.finish()
 
     return NodeConfig(
@@ -344,4 +356,5 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         peers=peers,
         links=tuple(links),
         saes=saes,
+        routes=routes,
     )

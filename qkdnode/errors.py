@@ -37,7 +37,11 @@ class PeerUnavailable(QkdnodeError):
 
 
 class PeerRejected(QkdnodeError):
-    """The peer node answered, and said no (its message is carried)."""
+    """The peer node answered, and said no (its message is carried, and its JSON answer)."""
+
+    def __init__(self, message: str, answer: dict | None = None):
+        super().__init__(message)
+        self.answer = answer or {}
 
 
 class DriverError(QkdnodeError):
@@ -80,3 +84,23 @@ class NotYourKey(QkdnodeError):
     def __init__(self, key_id: str):
         self.key_id = key_id
         super().__init__(f"key_ID {key_id} was not issued to this SAE by that master SAE")
+
+
+class NoRoute(QkdnodeError):
+    """No path of links with enough key joins this node to the node of the slave SAEs."""
+
+
+class RelayRejected(QkdnodeError):
+    """A relay message that fails its Wegman-Carter tag, names a consumed pad, or is malformed."""
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason  # a metric label: malformed, pad, tag, replay
+
+
+class RelayFailed(QkdnodeError):
+    """A relay hop could not pass keys on; `link` is the (from, to) pair of nodes that failed."""
+
+    def __init__(self, message: str, link: tuple[str, str], exhausted: bool = False):
+        super().__init__(message)
+        self.link, self.exhausted = link, exhausted

@@ -59,6 +59,9 @@ class LinkPool:
         self._offer_lock = asyncio.Lock()
         self._confirmed: list[str] = []  # outbox entries the peer acknowledged, removed lazily
         self.device_ok = False
+        self.ready_bits = 0        # as of the last gauge refresh
+        self.ingest_bps = 0.0      # agreed key per second, smoothed (routing weighs links by it)
+        self._ingest_at = time.monotonic()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -90,7 +93,16 @@ class LinkPool:
         for state, n in bits.items():
             self.metrics.pool_bits.labels(self.cfg.id, state).set(n)
         self.metrics.pool_ready_bits.labels(self.cfg.id).set(bits["ready"])
+        self.ready_bits = bits["ready"]
         return bits["ready"] // 8
+
+    def _ingested(self, nbits: int) -> None:
+        """Smooth the agreed-key rate over about ten seconds."""
+        now = time.monotonic()
+        dt = max(now - self._ingest_at, 1e-3)
+        self._ingest_at = now
+        w = min(dt / 10.0, 1.0)
+        self.ingest_bps = (1 - w) * self.ingest_bps + w * (nbits / dt)
 
     # ------------------------------------------------------------ agreement, master side
 
@@ -149,6 +161,8 @@ class LinkPool:
         discard = {k: v for k, v in discard.items() if v in ("mismatch", "unavailable")}
         await self.vault.run(self.vault.settle_blocks, self.cfg.id, ready, discard)
         self.metrics.blocks_ready.labels(self.cfg.id).inc(len(ready))
+        sizes = {o["block_ID"]: o["size"] for o in offers}
+        self._ingested(8 * sum(sizes[b] for b in ready))
         for reason in discard.values():
             self.metrics.blocks_discarded.labels(self.cfg.id, reason).inc()
         if discard:
@@ -190,6 +204,7 @@ class LinkPool:
                     if r != "ready":
                         self.metrics.blocks_discarded.labels(self.cfg.id, r).inc()
                 self.metrics.blocks_ready.labels(self.cfg.id).inc(len(matching))
+                self._ingested(8 * sum(len(b) for _, b in matching))
         await self.refresh_gauge()
         return {"results": results}
 

@@ -33,6 +33,16 @@ class NodeMetrics:
         self.peer_up = Gauge("qkdnode_peer_up", "1 if the peer node answered its last call", ["peer"], registry=r)
         self.audit_pruned = Counter("qkdnode_vault_audit_pruned_total", "Audit records dropped by retention",
                                     registry=r)
+        self.relay_link_bits = Counter("qkdnode_relay_link_bits_total",
+                                       "Link key spent on relaying keys: one-time pad and authentication",
+                                       ["link", "use"], registry=r)
+        self.relay_messages = Counter("qkdnode_relay_messages_total", "Relay messages sent or accepted",
+                                      ["direction"], registry=r)
+        self.relay_rejected = Counter("qkdnode_relay_rejected_total",
+                                      "Relay messages refused (bad tag, used pad, replay, malformed)", ["reason"],
+                                      registry=r)
+        self.keys_relayed = Counter("qkdnode_keys_relayed_total", "Keys that reached this node through relay",
+                                    registry=r)
         Gauge("qkdnode_info", "This node", ["node"], registry=r).labels(node_id).set(1)
 
     def on_vault_commit(self, n_ops: int, seconds: float) -> None:

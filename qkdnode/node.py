@@ -23,9 +23,10 @@ from qkdnode.interfaces import load_driver
 from qkdnode.links import LinkPool
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import PeerClient, make_peer_app
+from qkdnode.relay import Router, node_sae
 from qkdnode.sdnotify import SystemdNotifier
 from qkdnode.tlsutil import checked, client_context, server_context
-from qkdnode.vault import Vault, load_master_key
+from qkdnode.vault import HandOut, Vault, load_master_key
 
 log = logging.getLogger("qkdnode.node")
 
@@ -43,8 +44,11 @@ class Node:
         self.pools: dict[str, LinkPool] = {}
         for i, link in enumerate(cfg.links):
             source = load_driver(link.driver, link.settings, file=cfg.file, key=f"links[{i}].driver")
+            # The two nodes themselves are parties of a link too: relay pads are hand-outs between them.
+            parties = dict(cfg.saes, **{node_sae(cfg.node_id): cfg.node_id, node_sae(link.peer): link.peer})
             self.pools[link.id] = LinkPool(link, cfg.node_id, self.vault, source, self.peers[link.peer],
-                                           self.metrics, cfg.saes)
+                                           self.metrics, parties)
+        self.router = Router(self)
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []
 
@@ -52,16 +56,29 @@ class Node:
         link = self.cfg.link_to(node_id)
         return self.pools[link.id] if link else None
 
+    async def hand_out(self, master: str, slaves: list[str], number: int, size_bits: int) -> list[HandOut]:
+        """Fresh keys for `master` (an SAE of this node) shared with `slaves` (SAEs of other
+        nodes, any number of them): over the direct link, or relayed. Durable before it returns.
+        Raises PoolExhausted/NoRoute when no path has key, PeerUnavailable when none answers."""
+        return await self.router.hand_out(master, slaves, number, size_bits)
+
+    async def deliver(self, slave: str, master: str, key_ids: list[str]) -> list[tuple[str, bytes]]:
+        """The keys `master` got for `slave`, once each (UnknownKey, NotYourKey otherwise)."""
+        return await self.vault.run(self.vault.deliver, slave, master, key_ids)
+
     async def start(self) -> None:
         await asyncio.to_thread(self.vault.open, True)
         for peer in self.peers.values():
             await peer.start()
-        await self._serve(make_peer_app(self.cfg.node_id, self.pools), self.cfg.peer_listen, self.server_ssl)
+        await self._serve(make_peer_app(self.cfg.node_id, self.pools,
+                                        {"relay": self.router.on_relay, "lsa": self.router.on_lsa}),
+                          self.cfg.peer_listen, self.server_ssl)
         await self._serve(make_api_app(self), self.cfg.api, self.server_ssl)
         if self.cfg.metrics:
             await self._serve(self._metrics_app(), self.cfg.metrics, None)
         for pool in self.pools.values():
             await pool.start()
+        self.router.start()
         if self.cfg.vault.audit_retention_days:
             self._tasks.append(asyncio.create_task(self._audit_retention(), name="audit retention"))
         log.info("node %s up: ETSI 014 on https://%s, peer channel on https://%s, %d link(s)",
@@ -105,6 +122,7 @@ class Node:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.router.stop()
         for pool in self.pools.values():
             await pool.stop()
         for peer in self.peers.values():

@@ -9,19 +9,31 @@ link's messages are accepted only from that link's peer.
     POST /peer/v1/links/{link}/keys      link master -> other end: keys it allocated
     POST /peer/v1/links/{link}/allocate  other end -> link master: allocate keys for my SAE
     POST /peer/v1/links/{link}/discard   either way: forget keys whose hand-out failed
+    POST /peer/v1/links/{link}/relay     either way: keys for SAEs further on (docs/relay.md)
+    POST /peer/v1/links/{link}/lsa       either way: link-state advertisements for routing
     GET  /peer/v1/health
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
 from qkdnode.config import PeerConfig
-from qkdnode.errors import CarveConflict, PeerRejected, PeerUnavailable, PoolExhausted, QkdnodeError
+from qkdnode.errors import (
+    CarveConflict,
+    PeerRejected,
+    PeerUnavailable,
+    PoolExhausted,
+    QkdnodeError,
+    RelayFailed,
+    RelayRejected,
+)
 from qkdnode.tlsutil import peer_identity
 
 if TYPE_CHECKING:
@@ -43,6 +55,7 @@ class PeerClient:
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
         self._metrics = metrics
+        self.up: bool | None = None  # did the peer answer the last call (None: not asked yet)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64))
@@ -71,10 +84,11 @@ class PeerClient:
         if status == 503:
             raise PoolExhausted(str(answer.get("message", "peer has no key")))
         if status != 200:
-            raise PeerRejected(f"peer node {self.cfg.node_id}: HTTP {status}: {answer.get('message')}")
+            raise PeerRejected(f"peer node {self.cfg.node_id}: HTTP {status}: {answer.get('message')}", answer)
         return answer
 
     def _up(self, value: int) -> None:
+        self.up = bool(value)
         if self._metrics:
             self._metrics.peer_up.labels(self.cfg.node_id).set(value)
 
@@ -83,8 +97,12 @@ class BadMessage(QkdnodeError):
     """A peer message that does not have the documented shape."""
 
 
-def make_peer_app(node_id: str, pools: dict[str, "LinkPool"]) -> web.Application:
-    """The server side of the peer channel: routes messages to the link pool they belong to."""
+def make_peer_app(node_id: str, pools: dict[str, "LinkPool"],
+                  node_verbs: dict[str, Callable[["LinkPool", dict], Awaitable[dict]]] | None = None
+                  ) -> web.Application:
+    """The server side of the peer channel: routes messages to the link pool they belong to, or
+    to a node-level handler (`node_verbs`: relay, routing) that is told which link they came on."""
+    node_verbs = node_verbs or {}
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"node": node_id})
@@ -99,6 +117,8 @@ def make_peer_app(node_id: str, pools: dict[str, "LinkPool"]) -> web.Application
             return _error(403, f"link {link_id} belongs to node {pool.cfg.peer}; the caller is {caller!r}")
         handler = {"offer": pool.on_offer, "keys": pool.on_keys, "allocate": pool.on_allocate,
                    "discard": pool.on_discard}.get(verb)
+        if handler is None and verb in node_verbs:
+            handler = functools.partial(node_verbs[verb], pool)
         if handler is None:
             return _error(404, f"no peer call {verb!r}")
         try:
@@ -113,9 +133,14 @@ def make_peer_app(node_id: str, pools: dict[str, "LinkPool"]) -> web.Application
             return _error(400, str(exc))
         except PoolExhausted as exc:
             return _error(503, str(exc))
+        except RelayRejected as exc:
+            return _error(400, str(exc))
         except CarveConflict as exc:
             log.error("link %s: %s", link_id, exc)
             return _error(409, str(exc))
+        except RelayFailed as exc:  # a hop further on failed: say which, so the origin routes around it
+            return web.json_response({"message": str(exc), "failed_link": list(exc.link),
+                                      "exhausted": exc.exhausted}, status=502)
         except QkdnodeError as exc:  # e.g. this node's device failed while confirming an offer
             return _error(502, str(exc))
 

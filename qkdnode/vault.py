@@ -582,6 +582,32 @@ class Vault:
         return self._record(link, [k for k, _ in todo], [[tuple(p) for p in r] for _, r in todo], nbytes,
                             master, slaves, store, None)
 
+    def store_relayed(self, label: str, key_ids: list[str], bits: list[bytes], master: str,
+                      slaves: list[str]) -> int:
+        """Keys that reached this node through trusted-node relay (no link block behind them):
+        keep them sealed for the slave SAEs, as a hand-out from a direct link would be. `label`
+        names the way they came (`relay:A>B>C`) and takes the place of the link in the audit and
+        the AAD. A key ID already known here (a replayed message) is refused whole."""
+        known = [k for k in key_ids if self._known_key(k)]
+        if known:
+            raise CarveConflict(f"{len(known)} relayed key ID(s) are already known at this node (a replay?)")
+        slaves_json = json.dumps(sorted(slaves))
+        now = time.time()
+        for key_id, b in zip(key_ids, bits, strict=True):
+            aad = self._key_aad(key_id, label, master, slaves_json, slaves_json, len(b) * 8)
+            self._conn.execute(
+                "INSERT INTO keys (key_id, link, master_sae, slaves, pending, size_bits, sealed, created) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (key_id, label, master, slaves_json, slaves_json, len(b) * 8, self._seal(aad, b), now))
+            self._audit("key_stored", key_id, master, label, len(b) * 8, slaves_json)
+        return len(key_ids)
+
+    def record_issued(self, key_ids: list[str], master: str, slaves: list[str], size_bits: int, label: str) -> None:
+        """Audit keys this node hands to its master SAE that came from relay, not from a link's carve."""
+        slaves_json = json.dumps(sorted(slaves))
+        for key_id in key_ids:
+            self._audit("key_issued", key_id, master, label, size_bits, slaves_json)
+
     def _known_key(self, key_id: str) -> bool:
         return self._conn.execute("SELECT 1 FROM audit WHERE key_id=? LIMIT 1", (key_id,)).fetchone() is not None
 

@@ -258,7 +258,9 @@ MISTAKES = [
     ("links-single-brackets", sub("[[links]]", "[links]"), "links", "{'id': 'A-B'"),
     ("peer-url-http", sub('url = "https://127.0.0.1:9444"', 'url = "http://127.0.0.1:9444"'), "peers.B.url",
      "'http://127.0.0.1:9444'"),
-    ("sae-on-unknown-node", sub('"sae-2" = "B"', '"sae-2" = "C"'), "saes.sae-2", "'C'"),
+    ("sae-on-no-node-name", sub('"sae-2" = "B"', '"sae-2" = "B C"'), "saes.sae-2", "'B C'"),
+    ("route-not-via-a-link", lambda t: t + '\n[routes]\nD = ["C", "D"]\n', "routes.D", "['C', 'D']"),
+    ("route-not-ending-at-dest", lambda t: t + '\n[routes]\nD = ["B", "C"]\n', "routes.D", "['B', 'C']"),
 ]
 
 
