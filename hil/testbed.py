@@ -1,5 +1,7 @@
-"""An emulated QKD network on one machine: throwaway PKI, an emulated KME pair, and two qkdnode
-daemons (nodes A and B) as real processes on loopback, described by WORKDIR/testbed.json.
+"""An emulated QKD network on one machine: throwaway PKI, emulated devices (ETSI 014 KME pairs of
+the IDQ and Toshiba profiles, CV-QKD module pairs on pseudo-terminals) and qkdnode daemons as
+real processes on loopback, from a topology (config/demo-topology.toml for `qkdnode demo`),
+described by WORKDIR/testbed.json.
 
 The manifest is a contract with tools outside the project; its shape is:
   {"ca": PATH, "nodes": {NAME: {"etsi014": URL, "peer": URL, "metrics": URL|null, "sdn": URL|null,
@@ -21,7 +23,8 @@ import ssl
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -84,20 +87,83 @@ class NodeProc:
         return f"https://{HOST}:{self.api_port}"
 
 
-class Testbed:
-    """Nodes A and B joined by one emulated vendor link (A is the link's master end)."""
+@dataclass(frozen=True)
+class LinkSpec:
+    """A QKD link of the emulated network: `master` pulls key and allocates; `devices` names the
+    device pairs on its span: "idq" or "toshiba" (an ETSI 014 KME pair of that profile) or "cv"
+    (a CV-QKD module pair on pseudo-terminals). Two devices make a combined link (XOR)."""
 
-    SAES = {"sae-a1": "A", "sae-a2": "A", "sae-b1": "B", "sae-b2": "B"}
+    id: str
+    master: str
+    slave: str
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Topology:
+    nodes: dict[str, tuple[str, ...]]          # node -> its SAE IDs
+    links: tuple[LinkSpec, ...]
+    routes: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)  # node -> dest -> path
+
+    @property
+    def saes(self) -> dict[str, str]:
+        return {sae: node for node, saes in self.nodes.items() for sae in saes}
+
+    def neighbours(self, name: str) -> list[str]:
+        return [l.slave if l.master == name else l.master for l in self.links if name in (l.master, l.slave)]
+
+
+DEVICES = ("idq", "toshiba", "cv")
+
+
+def two_nodes(profile: str = "idq") -> Topology:
+    return Topology({"A": ("sae-a1", "sae-a2"), "B": ("sae-b1", "sae-b2")}, (LinkSpec("A-B", "A", "B", (profile,)),))
+
+
+def load_topology(path: Path) -> Topology:
+    """A topology file (config/demo-topology.toml is the default demo's)."""
+    data = tomllib.loads(Path(path).read_text())
+    try:
+        nodes = {name: tuple(t.get("saes", ())) for name, t in data["nodes"].items()}
+        links = tuple(LinkSpec(l["id"], l["master"], l["slave"], tuple(l["devices"])) for l in data["links"])
+        routes = {n: {d: tuple(p) for d, p in r.items()} for n, r in data.get("routes", {}).items()}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise RuntimeError(f"{path}: not a topology file ({exc!r})") from None
+    for link in links:
+        if link.master not in nodes or link.slave not in nodes or not link.devices or \
+                len(link.devices) > 2 or any(d not in DEVICES for d in link.devices):
+            raise RuntimeError(f"{path}: link {link.id}: nodes must be listed and devices one or two of {DEVICES}")
+    return Topology(nodes, links, routes)
+
+
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "config" / "demo-topology.toml"
+
+
+class Testbed:
+    """An emulated network of qkdnode processes: two nodes A and B joined by one vendor link by
+    default, or any `topology` (the demo's is shaped like part of the Madrid network)."""
+
+    __test__ = False  # not a pytest class, despite its name
 
     def __init__(self, workdir: Path, *, rate_bps: float | None = 50_000.0, initial_keys: int = 256,
-                 pool_target_bits: int = 1 << 17, profile: str = "idq", key_size: int = 256):
+                 pool_target_bits: int = 1 << 17, profile: str = "idq", key_size: int = 256,
+                 topology: Topology | None = None, cv_time_scale: float = 4.0):
         self.dir = Path(workdir).resolve()
         self.rate_bps, self.initial_keys = rate_bps, initial_keys
         self.pool_target_bits, self.profile, self.key_size = pool_target_bits, profile, key_size
+        self.topology = topology or two_nodes(profile)
+        self.SAES = self.topology.saes
+        self.cv_time_scale = cv_time_scale
         self.nodes: dict[str, NodeProc] = {}
-        self.kme: KmePair | None = None
+        self.devices: dict[str, list] = {}     # link id -> its emulated device pairs (KmePair or CvLink)
         self.sae_creds: dict[str, Credential] = {}
+        self.node_creds: dict[str, Credential] = {}
         self.manifest_path = self.dir / "testbed.json"
+
+    @property
+    def kme(self) -> KmePair | None:
+        """The first ETSI 014 KME pair of the network (the only one of the two-node default)."""
+        return next((d for ds in self.devices.values() for d in ds if isinstance(d, KmePair)), None)
 
     # -- set-up
 
@@ -112,15 +178,11 @@ class Testbed:
 
     async def start(self) -> None:
         self._prepare()
-        pki = self.pki
-        kme_a = pki.issue("kme-a", "KME-A", hosts=("kme-a.lab",), server=True, client=False)
-        kme_b = pki.issue("kme-b", "KME-B", hosts=("kme-b.lab",), server=True, client=False)
-        self.kme = KmePair(sae_a="qkdnode-A", sae_b="qkdnode-B", profile=self.profile, rate_bps=self.rate_bps,
-                           max_key_count=8192, initial_keys=self.initial_keys, key_size=self.key_size)
-        await self.kme.start(_server_ssl(pki, kme_a), _server_ssl(pki, kme_b))
+        for link in self.topology.links:
+            self.devices[link.id] = [await self._start_device(link, i, kind) for i, kind in enumerate(link.devices)]
         for sae in self.SAES:
-            self.sae_creds[sae] = pki.issue(sae, sae)
-        for name in ("A", "B"):
+            self.sae_creds[sae] = self.pki.issue(sae, sae)
+        for name in self.topology.nodes:
             self.nodes[name] = NodeProc(name, self.dir / name / "node.toml", self.dir / name / "node.log",
                                         free_port(), free_port(), free_port())
         for name in self.nodes:
@@ -130,18 +192,49 @@ class Testbed:
         await asyncio.gather(*(self.wait_ready(n) for n in self.nodes))
         self.write_manifest()
 
+    async def _start_device(self, link: LinkSpec, i: int, kind: str):
+        if kind == "cv":
+            from hil.cvqkd import CvLink
+            cv = CvLink(self.dir / "cv" / f"{link.id}-{i}", channel_loss_db=8.0, tune_seconds=2.0,
+                        time_scale=self.cv_time_scale, name="cv")
+            return await cv.start()
+        tag = f"{link.id.lower()}-{i}"
+        creds = [self.pki.issue(f"kme-{tag}-{side}", f"KME-{tag}-{side}", hosts=(f"kme-{tag}-{side}.lab",),
+                                server=True, client=False) for side in ("a", "b")]
+        pair = KmePair(sae_a=f"qkdnode-{link.master}", sae_b=f"qkdnode-{link.slave}", profile=kind,
+                       rate_bps=self.rate_bps, max_key_count=8192, initial_keys=self.initial_keys,
+                       key_size=self.key_size, kme_ids=(f"KME-{tag}-a", f"KME-{tag}-b"))
+        await pair.start(_server_ssl(self.pki, creds[0]), _server_ssl(self.pki, creds[1]))
+        return pair
+
+    def _device_settings(self, link: LinkSpec, i: int, name: str) -> dict:
+        kind, dev = link.devices[i], self.devices[link.id][i]
+        master = name == link.master
+        if kind == "cv":
+            m = dev.tx if master else dev.rx
+            return {"driver": "cvqkd-serial",
+                    "settings": {"port": str(m.port), "role": "transmitter" if master else "receiver",
+                                 "itu_channel": 34, "poll_interval": 1.0}}
+        side, tag = ("a" if master else "b"), f"{link.id.lower()}-{i}"
+        other = link.slave if master else link.master
+        return {"driver": "etsi014",
+                "settings": {"profile": kind, "url": dev.url("A" if master else "B"),
+                             "server_hostname": f"kme-{tag}-{side}.lab", "sae_id": f"qkdnode-{name}",
+                             "peer_sae_id": f"qkdnode-{other}", "ca": str(self.pki.ca),
+                             "cert": str(self._kme_client[name].cert), "key": str(self._kme_client[name].key)}}
+
     def _write_node(self, name: str) -> None:
-        other = "B" if name == "A" else "A"
-        n, o = self.nodes[name], self.nodes[other]
+        n = self.nodes[name]
         d = n.config.parent
         d.mkdir(parents=True, exist_ok=True)
-        # Both nodes listen on 127.0.0.1, so the peer channel verifies a name only this node's certificate has.
+        # All nodes listen on 127.0.0.1, so the peer channel verifies a name only this node's certificate has.
         node_cred = self.pki.issue(f"node-{name}", name, hosts=(HOST, "localhost", self.node_hostname(name)),
                                    server=True, client=True)
-        kme_client = self.pki.issue(f"kme-client-{name}", f"qkdnode-{name}")
+        self.node_creds[name] = node_cred
+        self._kme_client = getattr(self, "_kme_client", {})
+        self._kme_client[name] = self.pki.issue(f"kme-client-{name}", f"qkdnode-{name}")
         write_private(d / "master.key", os.urandom(32).hex().encode() + b"\n")
-        saes = "\n".join(f'"{s}" = "{node}"' for s, node in self.SAES.items())
-        n.config.write_text(f"""# Node {name} of the emulated testbed (written by qkdnode demo; throwaway)
+        text = [f"""# Node {name} of the emulated testbed (written by qkdnode demo; throwaway)
 node_id = "{name}"
 
 [api]
@@ -168,32 +261,36 @@ min_key_size = 64
 max_key_size = 8192
 max_key_per_request = 128
 max_SAE_ID_count = 4
-
+"""]
+        for other in self.topology.neighbours(name):
+            o = self.nodes[other]
+            text.append(f"""
 [peers.{other}]
 url = "https://{HOST}:{o.peer_port}"
 server_hostname = "{self.node_hostname(other)}"
-
+""")
+        for link in self.topology.links:
+            if name not in (link.master, link.slave):
+                continue
+            other = link.slave if name == link.master else link.master
+            parts = [self._device_settings(link, i, name) for i in range(len(link.devices))]
+            driver = parts[0] if len(parts) == 1 else {"driver": "combined", "settings": {"parts": parts}}
+            text.append(f"""
 [[links]]
-id = "A-B"
+id = "{link.id}"
 peer = "{other}"
-role = "{'master' if name == 'A' else 'slave'}"
-driver = "etsi014"
+role = "{'master' if name == link.master else 'slave'}"
+driver = "{driver['driver']}"
 pool_target_bits = {self.pool_target_bits}
 fetch_interval = 0.2
-
-[links.settings]
-profile = "{self.profile}"
-url = "{self.kme.url(name)}"
-server_hostname = "kme-{name.lower()}.lab"
-sae_id = "qkdnode-{name}"
-peer_sae_id = "qkdnode-{other}"
-ca = "{self.pki.ca}"
-cert = "{kme_client.cert}"
-key = "{kme_client.key}"
-
-[saes]
-{saes}
+settings = {_toml_inline(driver['settings'])}
 """)
+        text.append("\n[saes]\n" + "\n".join(f'"{s}" = "{node}"' for s, node in self.SAES.items()) + "\n")
+        routes = self.topology.routes.get(name, {})
+        if routes:
+            text.append("\n[routes]\n" + "\n".join(f'{dest} = {json.dumps(list(path))}'
+                                                    for dest, path in routes.items()) + "\n")
+        n.config.write_text("".join(text))
 
     @staticmethod
     def node_hostname(name: str) -> str:
@@ -224,7 +321,8 @@ key = "{kme_client.key}"
         """Until the node answers an SAE's ETSI 014 status call with 200."""
         n = self.nodes[name]
         sae = next(s for s, node in self.SAES.items() if node == name)
-        peer_sae = next(s for s, node in self.SAES.items() if node != name)
+        neighbours = self.topology.neighbours(name)
+        peer_sae = next(s for s, node in self.SAES.items() if node in neighbours)
         ctx = self.sae_ssl(sae)
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
@@ -267,12 +365,31 @@ key = "{kme_client.key}"
     async def stop(self) -> None:
         for name in self.nodes:
             self.kill(name, signal.SIGTERM)
-        if self.kme:
-            await self.kme.stop()
+        for devices in self.devices.values():
+            for dev in devices:
+                await dev.stop()
 
 
-async def run_demo(workdir: Path, duration: float | None, rate_bps: float) -> int:
-    tb = Testbed(workdir, rate_bps=rate_bps)
+def _toml_inline(value) -> str:
+    """A TOML inline value (tables, arrays, strings, numbers, booleans) for driver settings."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_inline(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+async def run_demo(workdir: Path, duration: float | None, rate_bps: float, topology: Path | None = None) -> int:
+    try:
+        topo = load_topology(topology or DEFAULT_TOPOLOGY)
+    except (OSError, tomllib.TOMLDecodeError, RuntimeError) as exc:
+        print(f"qkdnode demo: {exc}", file=sys.stderr)
+        return 1
+    tb = Testbed(workdir, rate_bps=rate_bps, topology=topo)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -280,18 +397,26 @@ async def run_demo(workdir: Path, duration: float | None, rate_bps: float) -> in
     try:
         await tb.start()
         m = tb.manifest()
-        a, b = m["saes"]["sae-a1"], m["saes"]["sae-b1"]
+        names = list(m["nodes"])
+        first = names[0]
+        # The node farthest from the first one shows relay: a key crosses trusted nodes to reach it.
+        far = max(names[1:], key=lambda n: _hops(topo, first, n))
+        master = next(s for s, n in tb.SAES.items() if n == first)
+        slave = next(s for s, n in tb.SAES.items() if n == far)
+        a, b = m["saes"][master], m["saes"][slave]
+        links = ", ".join(f"{l.id} ({'+'.join(l.devices)})" for l in topo.links)
         print(f"manifest: {tb.manifest_path}", flush=True)
         print(f"""
-Nodes A and B run on loopback, joined by an emulated QKD link ({rate_bps:g} bit/s). Logs: {tb.dir}/A/node.log, {tb.dir}/B/node.log
-Fetch a key for sae-b1 from node A as sae-a1, then the same key from node B as sae-b1:
+Nodes {', '.join(names)} run on loopback; links: {links}. Logs: {tb.dir}/NODE/node.log
+Node {far} is {_hops(topo, first, far)} hop(s) from node {first}: its keys are relayed through trusted nodes.
+Fetch a key for {slave} from node {first} as {master}, then the same key from node {far} as {slave}:
 
   curl --cacert {m['ca']} --cert {a['cert']} --key {a['key']} \\
-       '{m['nodes']['A']['etsi014']}/api/v1/keys/sae-b1/enc_keys?number=1&size=256'
+       '{m['nodes'][first]['etsi014']}/api/v1/keys/{slave}/enc_keys?number=1&size=256'
   curl --cacert {m['ca']} --cert {b['cert']} --key {b['key']} \\
-       '{m['nodes']['B']['etsi014']}/api/v1/keys/sae-a1/dec_keys?key_ID=KEY_ID_FROM_THE_FIRST_ANSWER'
+       '{m['nodes'][far]['etsi014']}/api/v1/keys/{master}/dec_keys?key_ID=KEY_ID_FROM_THE_FIRST_ANSWER'
 
-Metrics: {m['nodes']['A']['metrics']}  {m['nodes']['B']['metrics']}
+Metrics: {'  '.join(n['metrics'] for n in m['nodes'].values())}
 {'Stopping after %g s.' % duration if duration else 'Ctrl-C stops the network.'}
 """, flush=True)
         try:
@@ -304,3 +429,14 @@ Metrics: {m['nodes']['A']['metrics']}  {m['nodes']['B']['metrics']}
         return 1
     finally:
         await tb.stop()
+
+
+def _hops(topo: Topology, a: str, b: str) -> int:
+    seen, frontier, n = {a}, [a], 0
+    while frontier:
+        if b in frontier:
+            return n
+        frontier = [y for x in frontier for y in topo.neighbours(x) if y not in seen]
+        seen.update(frontier)
+        n += 1
+    return 0

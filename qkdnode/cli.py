@@ -61,7 +61,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # The demo is the one command that reaches into hil/: it starts emulated devices and nodes.
     from hil.testbed import run_demo
 
-    return asyncio.run(run_demo(Path(args.workdir), duration=args.duration, rate_bps=args.key_rate))
+    return asyncio.run(run_demo(Path(args.workdir), duration=args.duration, rate_bps=args.key_rate,
+                                topology=Path(args.topology) if args.topology else None))
 
 
 def _vault_of(args: argparse.Namespace, *, exclusive: bool = True, create: bool = False):
@@ -204,13 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check_config)
 
     demo = sub.add_parser(
-        "demo", help="start an emulated network (KME pair, nodes A and B) on loopback and write testbed.json")
+        "demo", help="start an emulated network (five trusted nodes, relay, a combined link, a CV-QKD pair) on "
+                     "loopback and write testbed.json")
     demo.add_argument("--workdir", default="demo-work",
                       help="folder for the throwaway PKI, configs, vaults, logs and testbed.json (default: demo-work)")
     demo.add_argument("--duration", type=float, default=None,
                       help="stop after this many seconds (default: run until Ctrl-C)")
     demo.add_argument("--key-rate", type=float, default=50_000.0,
-                      help="secret key rate of the emulated QKD link in bit/s (default: 50000)")
+                      help="secret key rate of each emulated ETSI 014 KME pair in bit/s (default: 50000)")
+    demo.add_argument("--topology", default=None,
+                      help="topology file of the emulated network (default: config/demo-topology.toml)")
     demo.set_defaults(func=_cmd_demo)
 
     vault = sub.add_parser("vault", help="look after the node's key vault (stop the daemon first, except for check)")

@@ -24,6 +24,7 @@ import time
 import uuid
 from hashlib import sha256
 
+from qkdnode import native
 from qkdnode.config import LinkConfig
 from qkdnode.errors import (
     CarveConflict,
@@ -42,6 +43,15 @@ from qkdnode.vault import HandOut, Vault
 log = logging.getLogger("qkdnode.links")
 
 OUTBOX_RETRY_AFTER = 5.0  # seconds a pushed hand-out may stay unconfirmed before the retry loop sends it again
+
+
+PA_SECURITY_BITS = 50  # privacy amplification fails with probability at most 2^-50 per block (docs/relay.md)
+
+
+def pa_output_bits(n_in: int, leaked_bits: int) -> int:
+    """Final key length after privacy amplification of a reconciled block (leftover hash lemma):
+    the input less what reconciliation disclosed and twice the security parameter, in whole bytes."""
+    return max(n_in - leaked_bits - 2 * PA_SECURITY_BITS, 0) // 8 * 8
 
 
 def block_digest(salt: bytes, link: str, block_id: str, bits: bytes | bytearray) -> str:
@@ -70,6 +80,24 @@ class LinkPool:
         if self.cfg.is_master:
             self._tasks.append(asyncio.create_task(self._fill_loop(), name=f"fill {self.cfg.id}"))
             self._tasks.append(asyncio.create_task(self._outbox_loop(), name=f"outbox {self.cfg.id}"))
+        else:  # the device is opened now, not at the first offer: some (a CV-QKD receiver) must be started
+            self._tasks.append(asyncio.create_task(self._connect_loop(), name=f"connect {self.cfg.id}"))
+
+    async def _connect_loop(self) -> None:
+        backoff = 0.5
+        while not self.device_ok:
+            try:
+                await self._ensure_device()
+                return
+            except asyncio.CancelledError:
+                raise
+            except DriverError as exc:
+                self._device(False)
+                log.warning("link %s: device: %s", self.cfg.id, exc)
+            except Exception:
+                log.exception("link %s: unexpected failure opening the device", self.cfg.id)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -139,14 +167,36 @@ class LinkPool:
         blocks = await self.source.fetch_new(want)
         if not blocks:
             return
-        await self.vault.run(self.vault.add_blocks, self.cfg.id, [(b.block_id, b.bits) for b in blocks], "pending")
-        await self._offer([(b.block_id, b.bits) for b in blocks])
+        pa: dict[str, dict] = {}
+        final: list[tuple[str, bytearray]] = []
+        for b in blocks:
+            if b.leaked_bits:
+                n_out = pa_output_bits(len(b.bits) * 8, b.leaked_bits)
+                if n_out <= 0:
+                    self.metrics.blocks_discarded.labels(self.cfg.id, "too_leaky").inc()
+                    b.wipe()
+                    continue
+                seed = secrets.token_bytes((native.toeplitz_seed_bits(len(b.bits) * 8, n_out) + 7) // 8)
+                pa[b.block_id] = {"seed": seed.hex(), "n_out": n_out}
+                final.append((b.block_id, bytearray(native.toeplitz_hash(seed, b.bits, len(b.bits) * 8, n_out))))
+                b.wipe()
+            else:
+                final.append((b.block_id, b.bits))
+        if not final:
+            return
+        await self.vault.run(self.vault.add_blocks, self.cfg.id, final, "pending")
+        await self._offer(final, pa)
         for b in blocks:
             b.wipe()
 
-    async def _offer(self, blocks: list[tuple[str, bytearray]]) -> None:
+    async def _offer(self, blocks: list[tuple[str, bytearray]], pa: dict[str, dict] | None = None) -> None:
+        """Offer blocks by keyed digest. Blocks in `pa` were privacy-amplified here; the peer
+        applies the same Toeplitz seed to its copy before it compares (after a restart the seed
+        is gone: such pending blocks are offered without it and the peer discards them)."""
         salt = secrets.token_bytes(16)
-        offers = [{"block_ID": bid, "size": len(bits), "digest": block_digest(salt, self.cfg.id, bid, bits)}
+        pa = pa or {}
+        offers = [{"block_ID": bid, "size": len(bits), "digest": block_digest(salt, self.cfg.id, bid, bits),
+                   **({"pa": pa[bid]} if bid in pa else {})}
                   for bid, bits in blocks]
         for _, bits in blocks:
             bits[:] = bytes(len(bits))
@@ -158,7 +208,7 @@ class LinkPool:
         discard = {o["block_ID"]: str(results.get(o["block_ID"], "no answer"))[:40] for o in offers
                    if o["block_ID"] not in ready}
         # A block the peer did not answer for stays pending and is offered again.
-        discard = {k: v for k, v in discard.items() if v in ("mismatch", "unavailable")}
+        discard = {k: v for k, v in discard.items() if v in ("mismatch", "unavailable", "pa")}
         await self.vault.run(self.vault.settle_blocks, self.cfg.id, ready, discard)
         self.metrics.blocks_ready.labels(self.cfg.id).inc(len(ready))
         sizes = {o["block_ID"]: o["size"] for o in offers}
@@ -179,10 +229,18 @@ class LinkPool:
             raise BadMessage("salt is not hex") from None
         offers = field(body, "blocks", list)
         wanted: dict[str, tuple[int, str]] = {}
+        pa: dict[str, tuple[bytes, int]] = {}
         for o in offers:
             if not isinstance(o, dict):
                 raise BadMessage("each offered block is an object")
-            wanted[field(o, "block_ID", str)] = (field(o, "size", int), field(o, "digest", str))
+            bid = field(o, "block_ID", str)
+            wanted[bid] = (field(o, "size", int), field(o, "digest", str))
+            if "pa" in o:
+                p = o["pa"] if isinstance(o["pa"], dict) else {}
+                try:
+                    pa[bid] = (bytes.fromhex(field(p, "seed", str)), field(p, "n_out", int))
+                except ValueError:
+                    raise BadMessage("pa.seed is not hex") from None
         async with self._offer_lock:  # a retried offer waits for the first and finds its blocks ready
             have = await self.vault.run(self.vault.ready_block_ids, self.cfg.id, list(wanted))
             results = {bid: "ready" for bid in have}
@@ -193,12 +251,18 @@ class LinkPool:
                 matching = []
                 for block in fetched:
                     size, digest = wanted[block.block_id]
-                    ok = len(block.bits) == size and hmac.compare_digest(
-                        digest, block_digest(salt, self.cfg.id, block.block_id, block.bits))
+                    bits = self._amplify(block, pa.get(block.block_id))
+                    if bits is None:
+                        results[block.block_id] = "pa"
+                        block.wipe()
+                        continue
+                    ok = len(bits) == size and hmac.compare_digest(
+                        digest, block_digest(salt, self.cfg.id, block.block_id, bits))
                     if ok:
-                        matching.append((block.block_id, bytes(block.bits)))
+                        matching.append((block.block_id, bytes(bits)))
                     results[block.block_id] = "ready" if ok else "mismatch"
                     block.wipe()
+                    bits[:] = bytes(len(bits))
                 await self.vault.run(self.vault.add_blocks, self.cfg.id, matching, "ready")
                 for bid, r in results.items():
                     if r != "ready":
@@ -207,6 +271,20 @@ class LinkPool:
                 self._ingested(8 * sum(len(b) for _, b in matching))
         await self.refresh_gauge()
         return {"results": results}
+
+    @staticmethod
+    def _amplify(block, pa: tuple[bytes, int] | None) -> bytearray | None:
+        """This end's copy of a block as the master end stored it: privacy-amplified with the
+        master's seed where the device reported leakage. None if the two ends disagree on
+        whether or how much to amplify (this end checks the length against its own leakage)."""
+        n_in = len(block.bits) * 8
+        if pa is None:
+            return None if block.leaked_bits else bytearray(block.bits)
+        seed, n_out = pa
+        if not 0 < n_out <= pa_output_bits(n_in, block.leaked_bits) or \
+                len(seed) != (native.toeplitz_seed_bits(n_in, n_out) + 7) // 8:
+            return None
+        return bytearray(native.toeplitz_hash(seed, block.bits, n_in, n_out))
 
     async def _fetch_each(self, ids: list[str], results: dict[str, str]):
         """All blocks at once; if the device refuses the batch, one by one to find the missing ones."""

@@ -101,7 +101,7 @@ class Router:
         out = {}
         for pool in self.node.pools.values():
             out[pool.cfg.peer] = {"ready_bits": pool.ready_bits, "rate_bps": round(pool.ingest_bps, 1),
-                                  "up": bool(self.node.peers[pool.cfg.peer].up)}
+                                  "up": self.node.peers[pool.cfg.peer].up is not False}
         return out
 
     async def _advertise_loop(self) -> None:
@@ -152,8 +152,9 @@ class Router:
         return {"known": len(self.lsdb)}
 
     def graph(self, need_bits: int, exclude: set[tuple[str, str]] = frozenset()) -> dict[str, dict[str, float]]:
-        """Usable links and their costs: both ends advertise the link up (so both nodes live),
-        it holds at least `need_bits` of ready key, and it has not failed this request."""
+        """Usable links and their costs: both ends have advertised lately (both nodes live), one
+        of them at least reached the other on its last call, the link holds at least `need_bits`
+        of ready key at both ends, and it has not failed this request."""
         now = time.monotonic()
         fresh = {o: a.links for o, a in self.lsdb.items() if now - a.heard < LSA_MAX_AGE}
         fresh[self.me] = self._own_links()
@@ -161,7 +162,7 @@ class Router:
         for x, links in fresh.items():
             for y, link in links.items():
                 back = fresh.get(y, {}).get(x)
-                if back is None or not (link["up"] and back["up"]):
+                if back is None or not (link["up"] or back["up"]):
                     continue
                 if (x, y) in exclude or (y, x) in exclude:
                     continue

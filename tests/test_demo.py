@@ -35,7 +35,7 @@ async def test_demo_prints_the_manifest_and_serves_keys_from_it(tmp_path):
         m = json.loads(path.read_text())
 
         assert Path(m["ca"]).is_absolute() and Path(m["ca"]).is_file()
-        assert set(m["nodes"]) == {"A", "B"}
+        assert set(m["nodes"]) == {"A", "B", "C", "D", "E"}  # config/demo-topology.toml
         for node in m["nodes"].values():
             assert set(node) == {"etsi014", "peer", "metrics", "sdn", "pid"}
             assert node["etsi014"].startswith("https://127.0.0.1:") and node["peer"].startswith("https://")
@@ -44,15 +44,17 @@ async def test_demo_prints_the_manifest_and_serves_keys_from_it(tmp_path):
             assert entry["node"] in m["nodes"]
             assert Path(entry["cert"]).is_absolute() and Path(entry["key"]).is_file()
 
-        async with SaeClient(m, "sae-a1") as a, SaeClient(m, "sae-b1") as b:
-            for _ in range(100):
-                status, answer = await a.enc_keys("sae-b1", number=2, size=256)
-                if status == 200:
-                    break
-                await asyncio.sleep(0.2)  # the link is still filling the pool
-            assert status == 200, answer
-            status, got = await b.dec_keys("sae-a1", [k["key_ID"] for k in answer["keys"]], post=True)
-            assert status == 200 and bits(got) == bits(answer)
+        # sae-e1's node E is three hops from A: the key is relayed through trusted nodes.
+        for slave in ("sae-b1", "sae-e1"):
+            async with SaeClient(m, "sae-a1") as a, SaeClient(m, slave) as b:
+                for _ in range(100):
+                    status, answer = await a.enc_keys(slave, number=2, size=256)
+                    if status == 200:
+                        break
+                    await asyncio.sleep(0.2)  # the links are still filling their pools
+                assert status == 200, answer
+                status, got = await b.dec_keys("sae-a1", [k["key_ID"] for k in answer["keys"]], post=True)
+                assert status == 200 and bits(got) == bits(answer)
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
