@@ -26,6 +26,7 @@ from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import PeerClient, make_peer_app
 from qkdnode.relay import Router, node_sae
 from qkdnode.sdnotify import SystemdNotifier
+from qkdnode.skip import make_skip_app
 from qkdnode.tlsutil import checked, client_context, server_context
 from qkdnode.vault import HandOut, Vault, load_master_key
 
@@ -81,6 +82,8 @@ class Node:
         self._tasks.append(asyncio.create_task(self.streams.run(), name="etsi004 streams"))
         if self.cfg.etsi004:
             await self._serve(make_api004_app(self), self.cfg.etsi004, self.server_ssl)
+        if self.cfg.skip:
+            await self._serve(make_skip_app(self), self.cfg.skip, self.server_ssl)
         if self.cfg.metrics:
             await self._serve(self._metrics_app(), self.cfg.metrics, None)
         for pool in self.pools.values():
