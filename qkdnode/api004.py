@@ -159,6 +159,7 @@ class Stream:
     peer_served: set[int] = dc_field(default_factory=set)  # indices the other end read, once it closed
     served: set[int] = dc_field(default_factory=set)       # indices this end handed to its SAE
     cursor: int = 0        # the next index when GET_KEY names none
+    floor: int = 0         # indices below this are no longer served here (MAP_KEEP behind the cursor)
     key_ids: dict[int, str] = dc_field(default_factory=dict)   # index -> key_ID (a cache at the destination end)
     held: dict[int, bytearray] = dc_field(default_factory=dict)  # source end: the source SAE's bits, unread
     allocated: int = 0     # source end: indices below this have keys
@@ -264,6 +265,8 @@ class Streams:
             raise Outcome(Status.QOS_NOT_MET,
                           f"min_bps {qos.min_bps} exceeds the {int(capacity)} bit/s the path to node {dest_node} "
                           f"can sustain over the stream's TTL of {qos.TTL} s", qos=offer)
+        if ksid is not None and ksid in self.streams:  # taken while the capacity was worked out
+            raise Outcome(Status.KSID_ALREADY_IN_USE, f"key_stream_ID {ksid} is in use at node {self.me}")
         ksid = ksid or str(uuid.uuid4())
         s = Stream(ksid, "source", source, destination, qos, dest_node, time.monotonic() + qos.TTL,
                    reserve=_reserve(qos), pacer=Pacer(qos.max_bps, qos.chunk_bits, qos.jitter))
@@ -360,6 +363,9 @@ class Streams:
         i = s.cursor if index is None else index
         if i in s.served:
             raise ApiError(400, f"index {i} of key stream {s.ksid} was already served at this end")
+        if i < s.floor:
+            raise ApiError(400, f"index {i} of key stream {s.ksid} lies more than {MAP_KEEP} indices behind the "
+                                "newest read at this end; it is no longer served")
         if s.peer_closed and i not in s.peer_served:
             other = s.destination if s.role == "source" else s.source
             raise Outcome(Status.PEER_NOT_CONNECTED_GET_KEY,
@@ -382,8 +388,7 @@ class Streams:
             bits = await self._destination_key(s, i, deadline)
         try:
             s.pacer.take(s.qos.chunk_bits)
-            s.served.add(i)
-            s.cursor = max(s.cursor, i + 1)
+            _note_served(s, i)
             self.node.metrics.keys_served.labels("etsi004_get_key").inc()
             return {"status": Status.SUCCESSFUL, "key_stream_ID": s.ksid, "index": i,
                     "key_buffer": base64.b64encode(bits).decode("ascii"),
@@ -556,10 +561,12 @@ class Streams:
 
     async def on_peer(self, pool: "LinkPool", body: dict) -> dict:
         to, origin, hops = field(body, "to", str), field(body, "origin", str), field(body, "hops", int)
+        if not 0 <= hops < MAX_HOPS:
+            raise BadMessage(f"hops must be from 0 to {MAX_HOPS - 1}")
         if hops == 0 and origin != pool.cfg.peer:
             raise BadMessage(f"a message from node {pool.cfg.peer} that says it comes from node {origin}")
         if to != self.me:
-            if hops + 1 >= MAX_HOPS or to not in self.node.cfg.saes.values() and to not in self.node.cfg.peers:
+            if hops + 1 >= MAX_HOPS or (to not in self.node.cfg.saes.values() and to not in self.node.cfg.peers):
                 raise BadMessage(f"cannot pass a message on to node {to!r}")
             inner = {k: v for k, v in body.items() if k not in ("to", "origin", "hops")}
             return await self._call(to, inner, timeout=10.0, hops=hops + 1, origin=origin)
@@ -610,8 +617,9 @@ class Streams:
             return _answer(Status.NO_QKD_CONNECTION_AVAILABLE, f"key stream {ksid} expired")
         if s.peer_closed or not s.joined:
             return _answer(Status.NO_QKD_CONNECTION_AVAILABLE, f"key stream {ksid} is not open for node {origin}")
-        s.pulled = max(s.pulled, index + 1)
-        s.wake.set()
+        if index < s.allocated + s.reserve:  # the reservation follows the reader, not a far jump
+            s.pulled = max(s.pulled, index + 1)
+            s.wake.set()
         why = await self._allocate(s, index + 1)
         if why is not None:
             retry, message = why
@@ -641,6 +649,19 @@ class Streams:
 
 _ANY_QOS = QoS(1, 1, 0, 0, 0, 0, 1)
 _CODES = {int(c) for c in Status}
+
+
+def _note_served(s: Stream, i: int) -> None:
+    """Remember that index i was served at this end; forget (and refuse) indices far behind,
+    so that a long stream's bookkeeping stays bounded."""
+    s.served.add(i)
+    s.cursor = max(s.cursor, i + 1)
+    if len(s.served) > 2 * MAP_KEEP:
+        s.floor = max(s.floor, s.cursor - MAP_KEEP)
+        s.served = {j for j in s.served if j >= s.floor}
+        for j in [j for j in s.held if j < s.floor]:
+            bits = s.held.pop(j)
+            bits[:] = bytes(len(bits))
 
 
 def _reserve(qos: QoS) -> int:

@@ -10,9 +10,11 @@ import asyncio
 import base64
 import json
 import logging
+import ssl
 import time
 import uuid
 
+import aiohttp
 import pytest
 from prometheus_client import generate_latest
 
@@ -282,3 +284,53 @@ async def test_a_stream_between_nodes_without_a_link_is_relayed(net):
         for i in range(3):
             assert key_of((await c.get_key(ksid))[1]) == key_of((await a.get_key(ksid, index=i))[1])
         assert (await c.close(ksid))[1]["status_name"] == "SUCCESSFUL"
+
+
+async def test_the_peer_verb_refuses_malformed_or_misdirected_messages(net):
+    n = await net()
+    m = n.manifest()
+    pki = n.pki.dir
+    ctx = ssl.create_default_context(cafile=m["ca"])
+    ctx.load_cert_chain(str(pki / "node-A.pem"), str(pki / "node-A-key.pem"))
+    url = f"https://127.0.0.1:{n.ports['B']['peer']}/peer/v1/links/A-B/etsi004"
+    async with Client(m, "sae-a1") as a, Client(m, "sae-b1") as b, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        ksid = await opened(a, b)
+
+        async def post(body):
+            async with s.post(url, json=body, server_hostname=n.hostname("B")) as r:
+                return r.status, await r.json(content_type=None)
+
+        base = {"to": "B", "origin": "A", "hops": 0, "op": "close", "key_stream_ID": ksid, "served": []}
+        for bad in [{k: v for k, v in base.items() if k != "origin"}, dict(base, hops=-1), dict(base, hops=99),
+                    dict(base, origin="C"), dict(base, op="steal"), dict(base, served=["0"]),
+                    dict(base, to="Z")]:
+            status, ans = await post(bad)
+            assert status == 400 and ans["message"], (bad, status, ans)
+        # Well-formed, but for streams node B does not have: nothing happens.
+        status, ans = await post(dict(base, key_stream_ID=str(uuid.uuid4())))
+        assert status == 200 and ans["known"] is False
+        status, ans = await post(dict(base, op="keys", index=0))
+        assert status == 200 and ans["status"] == 4, ans  # B is the destination end: it allocates nothing
+        assert not n.nodes["B"].streams.streams[ksid].peer_closed
+        assert key_of((await a.get_key(ksid))[1]) == key_of((await b.get_key(ksid))[1])
+
+
+def test_long_streams_keep_bounded_bookkeeping(monkeypatch):
+    from qkdnode import api004
+    monkeypatch.setattr(api004, "MAP_KEEP", 8)
+    s = api004.Stream(str(uuid.uuid4()), "source", "x", "y", api004.QoS(32, 256, 0, 0, 0, 0, 1), "B", 0.0)
+    s.held = {i: bytearray(b"\xff" * 4) for i in range(3)}
+    kept = s.held[0]
+    for i in range(3, 40):
+        api004._note_served(s, i)
+    assert len(s.served) <= 16 and s.floor >= 40 - 2 * 8 and min(s.served) >= s.floor
+    assert not s.held and kept == bytearray(4)  # skipped indices far behind are wiped, not kept forever
+
+
+def test_pacing_allows_one_chunk_plus_jitter_then_the_rate():
+    from qkdnode.api004 import Pacer
+    p = Pacer(rate_bps=1000, chunk_bits=100, jitter_ms=200)  # burst: 100 + 200 bits
+    assert p.wait_for(100) == 0
+    p.take(100), p.take(100), p.take(100)
+    assert 0.09 < p.wait_for(100) <= 0.1
