@@ -82,8 +82,10 @@ class Node:
         self._tasks.append(asyncio.create_task(self.streams.run(), name="etsi004 streams"))
         if self.cfg.etsi004:
             await self._serve(make_api004_app(self), self.cfg.etsi004, self.server_ssl)
+            log.info("node %s: ETSI 004 key streams on https://%s", self.cfg.node_id, self.cfg.etsi004)
         if self.cfg.skip:
             await self._serve(make_skip_app(self), self.cfg.skip, self.server_ssl)
+            log.info("node %s: SKIP on https://%s", self.cfg.node_id, self.cfg.skip)
         if self.cfg.metrics:
             await self._serve(self._metrics_app(), self.cfg.metrics, None)
         for pool in self.pools.values():
