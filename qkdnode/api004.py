@@ -64,7 +64,7 @@ HELD_FACTOR = 4             # chunks the source end may hold unread: this many r
 MAP_KEEP = 4096             # index -> key_ID entries kept behind the newest index
 MAX_HOPS = 16               # peer messages forwarded across trusted nodes at most this far
 RETRY_EVERY = 0.05          # seconds between attempts while a GET_KEY waits for key
-MAX_TIMEOUT_MS = 600_000    # a GET_KEY holds an HTTP request: ten minutes at most
+MAX_TIMEOUT_MS = 60_000     # a GET_KEY holds an HTTP request (and a stopping node waits for it): a minute at most
 MAX_TTL_S = 366 * 86400
 UINT32 = (1 << 32) - 1
 MIMETYPE = "application/json"
@@ -259,7 +259,7 @@ class Streams:
         if capacity is None:
             raise Outcome(Status.NO_QKD_CONNECTION_AVAILABLE,
                           f"no path of QKD links from node {self.me} to node {dest_node}")
-        if qos.min_bps > capacity:
+        if qos.min_bps > 0 and qos.min_bps > capacity:  # min_bps 0: best effort, always accepted
             offer = dict(qos.to_json(), min_bps=max(int(capacity), 0))
             offer["max_bps"] = max(offer["max_bps"], offer["min_bps"], 1)
             raise Outcome(Status.QOS_NOT_MET,
