@@ -89,6 +89,8 @@ class NodeConfig:
     links: tuple[LinkConfig, ...]
     saes: dict[str, str]  # SAE ID -> node ID (any node of the network; others are reached by relay)
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> static path, next hop first
+    etsi004: Listen | None = None  # ETSI GS QKD 004 key streams for SAEs (docs/apis.md); None: not served
+    skip: Listen | None = None     # SKIP for routers (docs/apis.md); None: not served
 
     def link_to(self, node_id: str) -> LinkConfig | None:
         for link in self.links:
@@ -231,6 +233,14 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
     metrics = metrics_t.listen("listen", None)
     metrics_t.finish()
 
+    etsi004_t = top.table("etsi004", {})
+    etsi004 = etsi004_t.listen("listen", None)
+    etsi004_t.finish()
+
+    skip_t = top.table("skip", {})
+    skip = skip_t.listen("listen", None)
+    skip_t.finish()
+
     tls_t = top.table("tls")
     tls = TlsConfig(tls_t.path("ca"), tls_t.path("cert"), tls_t.path("key"))
     tls_t.finish()
@@ -357,4 +367,6 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         links=tuple(links),
         saes=saes,
         routes=routes,
+        etsi004=etsi004,
+        skip=skip,
     )

@@ -16,6 +16,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from qkdnode.api004 import Streams, make_api004_app
 from qkdnode.api014 import make_api_app
 from qkdnode.config import Listen, NodeConfig
 from qkdnode.errors import QkdnodeError
@@ -25,6 +26,7 @@ from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import PeerClient, make_peer_app
 from qkdnode.relay import Router, node_sae
 from qkdnode.sdnotify import SystemdNotifier
+from qkdnode.skip import make_skip_app
 from qkdnode.tlsutil import checked, client_context, server_context
 from qkdnode.vault import HandOut, Vault, load_master_key
 
@@ -49,6 +51,7 @@ class Node:
             self.pools[link.id] = LinkPool(link, cfg.node_id, self.vault, source, self.peers[link.peer],
                                            self.metrics, parties)
         self.router = Router(self)
+        self.streams = Streams(self)  # ETSI 004 key streams (both ends), served if [etsi004] is configured
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []
 
@@ -71,9 +74,18 @@ class Node:
         for peer in self.peers.values():
             await peer.start()
         await self._serve(make_peer_app(self.cfg.node_id, self.pools,
-                                        {"relay": self.router.on_relay, "lsa": self.router.on_lsa}),
+                                        {"relay": self.router.on_relay, "lsa": self.router.on_lsa,
+                                         "etsi004": self.streams.on_peer}),
                           self.cfg.peer_listen, self.server_ssl)
         await self._serve(make_api_app(self), self.cfg.api, self.server_ssl)
+        # The other applications' APIs (docs/apis.md): same certificates, same SAE registry, same pools.
+        self._tasks.append(asyncio.create_task(self.streams.run(), name="etsi004 streams"))
+        if self.cfg.etsi004:
+            await self._serve(make_api004_app(self), self.cfg.etsi004, self.server_ssl)
+            log.info("node %s: ETSI 004 key streams on https://%s", self.cfg.node_id, self.cfg.etsi004)
+        if self.cfg.skip:
+            await self._serve(make_skip_app(self), self.cfg.skip, self.server_ssl)
+            log.info("node %s: SKIP on https://%s", self.cfg.node_id, self.cfg.skip)
         if self.cfg.metrics:
             await self._serve(self._metrics_app(), self.cfg.metrics, None)
         for pool in self.pools.values():

@@ -102,6 +102,14 @@ def test_base_is_valid(tmp_path):
     assert (cfg.node_id, [link.id for link in cfg.links], cfg.saes) == ("A", ["A-B"], {"sae-1": "A", "sae-2": "B"})
 
 
+def test_etsi004_and_skip_listeners_are_optional(tmp_path):
+    cfg = config.load(write(tmp_path, BASE))
+    assert (cfg.etsi004, cfg.skip) == (None, None)  # served only where the operator asks
+    both = BASE + '\n[etsi004]\nlisten = "127.0.0.1:8445"\n\n[skip]\nlisten = "[::1]:8446"\n'
+    cfg = config.load(write(tmp_path, both))
+    assert (str(cfg.etsi004), str(cfg.skip)) == ("127.0.0.1:8445", "::1:8446")
+
+
 # ------------------------------------------------------------------ the example files
 
 
@@ -195,6 +203,7 @@ def test_examples_show_every_key_the_loader_and_driver_accept():
     names = lambda cls, *skip: {f.name for f in dataclasses.fields(cls)} - set(skip)  # noqa: E731
     expected = {
         "node_id", "api", "api.listen", "peer", "peer.listen", "metrics", "metrics.listen",
+        "etsi004", "etsi004.listen", "skip", "skip.listen",
         "tls", *(f"tls.{k}" for k in names(config.TlsConfig)),
         "vault", *(f"vault.{k}" for k in names(config.VaultConfig)),
         "keys", *(f"keys.{k}" for k in names(config.KeyLimits)),
@@ -261,6 +270,8 @@ MISTAKES = [
     ("sae-on-no-node-name", sub('"sae-2" = "B"', '"sae-2" = "B C"'), "saes.sae-2", "'B C'"),
     ("route-not-via-a-link", lambda t: t + '\n[routes]\nD = ["C", "D"]\n', "routes.D", "['C', 'D']"),
     ("route-not-ending-at-dest", lambda t: t + '\n[routes]\nD = ["B", "C"]\n', "routes.D", "['B', 'C']"),
+    ("etsi004-listen-no-port", append('\n[etsi004]\nlisten = "127.0.0.1"\n'), "etsi004.listen", "'127.0.0.1'"),
+    ("skip-listen-misspelt", append('\n[skip]\nlisen = "127.0.0.1:8446"\n'), "skip.lisen", "its value is not shown"),
 ]
 
 
