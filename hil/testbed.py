@@ -5,7 +5,8 @@ described by WORKDIR/testbed.json.
 
 The manifest is a contract with tools outside the project; its shape is:
   {"ca": PATH, "nodes": {NAME: {"etsi014": URL, "peer": URL, "metrics": URL|null, "sdn": URL|null,
-   "pid": INT}}, "saes": {SAE_ID: {"node": NAME, "cert": PATH, "key": PATH}}}
+   "etsi004": URL|null, "skip": URL|null, "pid": INT}},
+   "saes": {SAE_ID: {"node": NAME, "cert": PATH, "key": PATH}}}
 It is written (atomically) only once every node answers, and again when a node is restarted.
 """
 
@@ -80,6 +81,8 @@ class NodeProc:
     api_port: int
     peer_port: int
     metrics_port: int
+    etsi004_port: int
+    skip_port: int
     proc: subprocess.Popen | None = None
 
     @property
@@ -184,7 +187,7 @@ class Testbed:
             self.sae_creds[sae] = self.pki.issue(sae, sae)
         for name in self.topology.nodes:
             self.nodes[name] = NodeProc(name, self.dir / name / "node.toml", self.dir / name / "node.log",
-                                        free_port(), free_port(), free_port())
+                                        free_port(), free_port(), free_port(), free_port(), free_port())
         for name in self.nodes:
             self._write_node(name)
         for name in self.nodes:
@@ -245,6 +248,12 @@ listen = "{HOST}:{n.peer_port}"
 
 [metrics]
 listen = "{HOST}:{n.metrics_port}"
+
+[etsi004]
+listen = "{HOST}:{n.etsi004_port}"
+
+[skip]
+listen = "{HOST}:{n.skip_port}"
 
 [tls]
 ca = "{self.pki.ca}"
@@ -352,6 +361,7 @@ settings = {_toml_inline(driver['settings'])}
             "ca": str(self.pki.ca),
             "nodes": {name: {"etsi014": n.etsi014, "peer": f"https://{HOST}:{n.peer_port}",
                              "metrics": f"http://{HOST}:{n.metrics_port}/metrics", "sdn": None,
+                             "etsi004": f"https://{HOST}:{n.etsi004_port}", "skip": f"https://{HOST}:{n.skip_port}",
                              "pid": n.proc.pid} for name, n in self.nodes.items()},
             "saes": {sae: {"node": node, "cert": str(self.sae_creds[sae].cert), "key": str(self.sae_creds[sae].key)}
                      for sae, node in self.SAES.items()},

@@ -37,7 +37,8 @@ async def test_demo_prints_the_manifest_and_serves_keys_from_it(tmp_path):
         assert Path(m["ca"]).is_absolute() and Path(m["ca"]).is_file()
         assert set(m["nodes"]) == {"A", "B", "C", "D", "E"}  # config/demo-topology.toml
         for node in m["nodes"].values():
-            assert set(node) == {"etsi014", "peer", "metrics", "sdn", "pid"}
+            assert set(node) == {"etsi014", "peer", "metrics", "sdn", "etsi004", "skip", "pid"}
+            assert node["etsi004"].startswith("https://") and node["skip"].startswith("https://")
             assert node["etsi014"].startswith("https://127.0.0.1:") and node["peer"].startswith("https://")
             assert alive(node["pid"])
         for sae, entry in m["saes"].items():
@@ -47,7 +48,7 @@ async def test_demo_prints_the_manifest_and_serves_keys_from_it(tmp_path):
         # sae-e1's node E is three hops from A: the key is relayed through trusted nodes.
         for slave in ("sae-b1", "sae-e1"):
             async with SaeClient(m, "sae-a1") as a, SaeClient(m, slave) as b:
-                for _ in range(100):
+                for _ in range(300):
                     status, answer = await a.enc_keys(slave, number=2, size=256)
                     if status == 200:
                         break
