@@ -138,9 +138,8 @@ def check_snmp_settings(m: dict[str, Any], err: Callable[..., ConfigError], *, f
 
 
 class SnmpSession:
-    """One agent, one manager engine. Calls may come concurrently; each waits its turn, so a late
-    reply to a timed-out request is never taken for the answer to the next one (pysnmp matches
-    request IDs too)."""
+    """One agent, one manager engine. Requests may run concurrently: pysnmp matches each answer to
+    its request ID, so a late answer to a timed-out request is dropped, never taken for another's."""
 
     def __init__(self, *, name: str, host: str, port: int = 161, version: str = "2c", community: str = "public",
                  write_community: str | None = None, user: str | None = None, auth_protocol: str = "SHA",
@@ -200,6 +199,16 @@ class SnmpSession:
                                       f"{_names([tuple(n) for n, _ in vbs])}")
         return [(o, v) for o, (_, v) in zip(oids, vbs)]
 
+    async def get_each(self, oids: list[Oid]) -> list[tuple[Oid, Any] | DeviceUnavailable]:
+        """Each OID in a GET of its own, all at once: the value, or the DeviceUnavailable of an OID
+        that got no answer while others may have. Other errors raise."""
+        async def one(oid: Oid):
+            try:
+                return (await self.get([oid]))[0]
+            except DeviceUnavailable as exc:
+                return exc
+        return list(await asyncio.gather(*(one(o) for o in oids)))
+
     async def set(self, varbinds: list[tuple[Oid, Any]]) -> None:
         """SET, in requests of at most SET_CHUNK varbinds (each all or nothing)."""
         if self._write_auth is None:
@@ -245,16 +254,17 @@ class SnmpSession:
                 except Exception as exc:       # a host name that does not resolve
                     raise DeviceUnavailable(f"{self.where}: cannot reach the agent: "
                                             f"{self.scrub(str(exc)) or exc.__class__.__name__}") from None
-            args = (*bulk, *varbinds) if bulk else tuple(varbinds)
-            limit = self.timeout * (self.retries + 1) + 2.0   # pysnmp times out first; this is a backstop
-            try:
-                ei, es, ix, vbs = await asyncio.wait_for(
-                    command(self._engine, auth, self._target, ContextData(), *args, lookupMib=False), limit)
-            except asyncio.TimeoutError:
-                raise DeviceUnavailable(f"{self.where}: {what}: no answer within {limit:g} s") from None
-            except Exception as exc:           # pysnmp refusing a value or an answer it cannot take
-                raise DeviceProtocolError(f"{self.where}: {what}: {exc.__class__.__name__}: "
-                                          f"{self.scrub(str(exc))[:200]}") from None
+            snmp_engine, target = self._engine, self._target
+        args = (*bulk, *varbinds) if bulk else tuple(varbinds)
+        limit = self.timeout * (self.retries + 1) + 2.0   # pysnmp times out first; this is a backstop
+        try:
+            ei, es, ix, vbs = await asyncio.wait_for(
+                command(snmp_engine, auth, target, ContextData(), *args, lookupMib=False), limit)
+        except asyncio.TimeoutError:
+            raise DeviceUnavailable(f"{self.where}: {what}: no answer within {limit:g} s") from None
+        except Exception as exc:               # pysnmp refusing a value or an answer it cannot take
+            raise DeviceProtocolError(f"{self.where}: {what}: {exc.__class__.__name__}: "
+                                      f"{self.scrub(str(exc))[:200]}") from None
         if ei:
             raise self._indication(ei, what)
         if es:

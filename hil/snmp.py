@@ -422,9 +422,11 @@ class QkdLinkModel:
         self._q, self._t = qber, time.monotonic()
 
     def qber(self) -> float:
+        """The QBER now. Reads within a millisecond (one request) see the same value."""
         now = time.monotonic()
-        dt, self._t = max(0.0, now - self._t), now
-        if dt > 0:
+        dt = now - self._t
+        if dt >= 0.001:
+            self._t = now
             decay = math.exp(-self.reversion * dt)
             spread = self.sigma * math.sqrt(1 - decay * decay)
             self._q = self.mean + (self._q - self.mean) * decay + spread * self._rng.gauss(0, 1)

@@ -7,14 +7,17 @@ so the faults cost little time.
 """
 
 import asyncio
+import re
 
 import pytest
 from pysnmp.proto import rfc1902
 
 from drivers.snmp_switch import ClassicalPortRefused, PolatisSnmpSwitch, PortOutOfRange, SwitchMismatch
-from hil.snmp import OPM_POWER, OXC_SIZE, PORT_PATCH, PolatisSnmpEmulator, V3User
+from drivers.snmp_telemetry import PolledTelemetry, SnmpTelemetrySource
+from hil.snmp import (OPM_POWER, OXC_SIZE, PORT_PATCH, QKD_QBER, QKD_SKR, IdqSnmpEmulator, PolatisSnmpEmulator,
+                      V3User)
 from qkdnode.errors import ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnauthorized, DeviceUnavailable
-from qkdnode.interfaces import OpticalSwitch, driver_class
+from qkdnode.interfaces import LinkTelemetry, OpticalSwitch, TelemetrySource, driver_class
 
 CONFIG = "node.toml"
 KEY = "switches[0].settings"
@@ -457,3 +460,234 @@ async def test_concurrent_calls_take_turns(emu, switch):
                                    sw.connect_ports({2: 18}), *[sw.partner(17) for _ in range(2)], sw.port_powers())
     assert results[:3] == [(16, 16)] * 3 and results[5:7] == [1, 1] and len(results[7]) == 32
     assert emu.model.map == {1: 17, 2: 18} and sw.health.state == "up"
+
+
+# ================================================================ QKD link telemetry (idq-snmp)
+
+TKEY = "links[0].telemetry.settings"
+QBER_OID = "1.3.6.1.3.9999.1.1.0"
+
+
+@pytest.fixture
+async def qkd():
+    e = IdqSnmpEmulator(seed=7)
+    await e.start()
+    yield e
+    await e.stop()
+
+
+@pytest.fixture
+async def source(qkd):
+    made: list[SnmpTelemetrySource] = []
+
+    def make(security: dict | None = None, **over) -> SnmpTelemetrySource:
+        sec = {k: v for k, v in (security or V2C).items() if k != "write_community"}
+        settings = {"host": qkd.host, "port": qkd.port, "name": "qkd1", **FAST, "poll_interval": 0.05, **sec, **over}
+        src = SnmpTelemetrySource.from_settings(settings, file=CONFIG, key=TKEY)
+        made.append(src)
+        return src
+
+    yield make
+    for src in made:
+        await src.close()
+
+
+async def polled(src: SnmpTelemetrySource) -> PolledTelemetry:
+    """The next poll's result (a poll that raised fails the test)."""
+    outcome = await asyncio.wait_for(src.next_poll(), 10)
+    assert isinstance(outcome, PolledTelemetry), outcome
+    return outcome
+
+
+async def back_to_normal(src: SnmpTelemetrySource, qkd: IdqSnmpEmulator) -> PolledTelemetry:
+    """Clear every fault: the poller's next poll must be whole again, with no alarm, health up."""
+    qkd.clear_faults()
+    await asyncio.wait_for(src.next_poll(), 10)               # a poll may have been under way with the fault
+    t = await polled(src)
+    assert t.missing == {} and t.alarms == {} and src.alarms == {}
+    assert src.health.state == "up" and t.state == "running" and 0.005 < t.qber < 0.03
+    assert await src.telemetry() == src.last
+    return t
+
+
+def test_telemetry_settings_the_metric_table_and_what_is_wrong():
+    base = {"host": "192.0.2.20", "community": "public"}
+    m = SnmpTelemetrySource.check_settings(base, file=CONFIG, key=TKEY)
+    assert (m["profile"], m["poll_interval"], m["qber_alarm"]) == ("idq-test-mib", 10.0, 0.08)
+    table = {x.name: x for x in m["metric_table"]}
+    assert list(table) == ["qber", "secret_key_rate_bps", "state", "model", "visibility"]
+    assert table["qber"].oid == (1, 3, 6, 1, 3, 9999, 1, 1, 0) and table["qber"].scale == 0.0001
+    assert table["state"].states == {1: "running", 2: "stopped", 3: "calibrating", 4: "no-key"}
+    src = SnmpTelemetrySource.from_settings(base, file=CONFIG, key=TKEY)
+    assert isinstance(src, TelemetrySource) and src.health.state == "unknown"
+    assert driver_class("idq-snmp", file=CONFIG, key="links[0].telemetry.driver") is SnmpTelemetrySource
+
+    m = SnmpTelemetrySource.check_settings(
+        {**base, "metrics": {"qber": {"oid": "1.3.6.1.4.1.99999.5.1.0", "scale": 0.001},
+                             "temperature_c": {"oid": ".1.3.6.1.4.1.99999.5.9.0", "type": "integer", "scale": 0.1}}},
+        file=CONFIG, key=TKEY)
+    table = {x.name: x for x in m["metric_table"]}
+    assert table["qber"].oid == (1, 3, 6, 1, 4, 1, 99999, 5, 1, 0) and table["qber"].type == "gauge"
+    assert table["temperature_c"].oid[-1] == 0 and len(table) == 6
+    m = SnmpTelemetrySource.check_settings({**base, "profile": "none", "metrics": {
+        "secret_key_rate_bps": {"oid": "1.3.6.1.4.1.99999.1.0", "type": "counter"}}}, file=CONFIG, key=TKEY)
+    assert [x.name for x in m["metric_table"]] == ["secret_key_rate_bps"]
+
+    bad = [({**base, "profile": "idq"}, "profile"),
+           ({**base, "poll_interval": 0}, "poll_interval"),
+           ({**base, "qber_alarm": 8}, "qber_alarm"),
+           ({**base, "write_community": "private"}, "write_community"),
+           ({**base, "metrics": [1]}, "metrics"),
+           ({**base, "profile": "none"}, "metrics"),
+           ({**base, "metrics": {"qber": {"oid": "iso.3.6"}}}, "metrics.qber.oid"),
+           ({**base, "metrics": {"qber": {"type": "float"}}}, "metrics.qber.type"),
+           ({**base, "metrics": {"qber": {"type": "string"}}}, "metrics.qber.type"),
+           ({**base, "metrics": {"qber": {"scale": 0}}}, "metrics.qber.scale"),
+           ({**base, "metrics": {"qber": {"min": 0.5, "max": 0.1}}}, "metrics.qber.max"),
+           ({**base, "metrics": {"qber": {"units": "%"}}}, "metrics.qber.units"),
+           ({**base, "metrics": {"state": {"type": "integer"}}}, "metrics.state.type"),
+           ({**base, "metrics": {"state": {"states": {"one": "running"}}}}, "metrics.state.states"),
+           ({**base, "metrics": {"fan": {"oid": "1.3.6.1.4.1.1.1.0", "type": "enum"}}}, "metrics.fan.states"),
+           ({**base, "metrics": {"fan": {"oid": "1.3.6.1.4.1.1.1.0"}}}, "metrics.fan.type"),
+           ({**base, "metrics": {"Fan Speed": {"oid": "1.3.6.1.4.1.1.1.0", "type": "gauge"}}}, "metrics.Fan Speed"),
+           ({**base, "metrics": {"skr2": {"oid": QBER_OID, "type": "gauge"}}}, "metrics.skr2.oid")]
+    for settings, name in bad:
+        with pytest.raises(ConfigError) as e:
+            SnmpTelemetrySource.check_settings(settings, file=CONFIG, key=TKEY)
+        assert e.value.key == f"{TKEY}.{name}", settings
+        assert str(e.value).startswith(f"{CONFIG}: {TKEY}.{name}: expected")
+    with pytest.raises(ConfigError, match="metric qber has it"):
+        SnmpTelemetrySource.check_settings(bad[-1][0], file=CONFIG, key=TKEY)
+
+
+async def test_telemetry_reads_the_link_over_v2c_and_v3(qkd, source, security):
+    src = source(security)
+    t = await src.telemetry()                                 # no poller: polled on the spot
+    assert isinstance(t, LinkTelemetry) and t.state == "running"
+    assert 0.005 < t.qber < 0.03 and 800 < t.secret_key_rate_bps < 1600
+    assert t.extra["model"] == "EMU-Cerberis-XG" and t.extra["visibility"] == pytest.approx(1 - 2 * t.qber, abs=0.002)
+    assert t.missing == {} and t.alarms == {} and t.excess_noise is None
+    assert src.health.state == "up" and qkd.requests >= 1
+
+
+async def test_the_qber_drifts_and_the_key_rate_follows_it(qkd, source):
+    src = source()
+    await src.connect()
+    polls = [await polled(src) for _ in range(12)]
+    qbers = [p.qber for p in polls]
+    assert len(set(qbers)) > 3 and all(0.005 < q < 0.03 for q in qbers)
+    for a in polls:
+        for b in polls:
+            if a.qber < b.qber - 0.0002:
+                assert a.secret_key_rate_bps > b.secret_key_rate_bps
+    assert all(p.polled_at < q.polled_at for p, q in zip(polls, polls[1:]))
+
+
+async def test_qber_above_the_threshold_raises_an_alarm_until_it_comes_down(qkd, source, security):
+    src = source(security)
+    await src.connect()
+    qkd.model.forced_qber = 0.12
+    t = await polled(src)
+    assert t.qber == pytest.approx(0.12) and t.state == "no-key" and t.secret_key_rate_bps == 0
+    assert t.alarms == {"qber-high": "QBER 12.00 % above the alarm threshold 8.00 %"}
+    assert src.health.state == "degraded" and "above the alarm threshold" in src.health.last_error
+    t = await polled(src)
+    assert src.health.state == "degraded" and src.health.failures == 1  # stays degraded, the agent answers
+    await back_to_normal(src, qkd)
+
+
+async def test_an_oid_that_answered_before_and_disappears_is_an_alarm(qkd, source, security):
+    src = source(security)
+    await src.connect()
+    assert src.last.qber is not None
+    qkd.faults.gone = {QKD_QBER}                              # a vendor software update moved it
+    t = await polled(src)
+    assert t.qber is None and t.secret_key_rate_bps > 0 and t.state == "running"
+    assert t.missing["qber"].startswith(f"noSuchObject at {QBER_OID} (it answered before: gone")
+    assert list(t.alarms) == ["qber"] and src.alarms == t.alarms
+    assert src.health.state == "degraded" and f"qber: noSuchObject at {QBER_OID}" in src.health.last_error
+    assert (await src.telemetry()).missing == t.missing     # the caller gets the result, not an exception
+    await back_to_normal(src, qkd)
+
+
+async def test_a_configured_oid_that_never_answered_is_missing_without_an_alarm(qkd, source):
+    src = source(metrics={"temperature_c": {"oid": "1.3.6.1.3.9999.1.9.0", "type": "integer", "scale": 0.1}})
+    t = await src.telemetry()
+    assert t.missing == {"temperature_c": "noSuchObject at 1.3.6.1.3.9999.1.9.0 (never answered since start: "
+                                          "check the OID)"}
+    assert t.alarms == {} and src.health.state == "up" and t.qber is not None
+
+
+async def test_one_oid_that_stops_answering_does_not_blind_the_others(qkd, source):
+    src = source()
+    await src.connect()
+    qkd.faults.silent = {QKD_SKR}                             # the agent drops any request naming it
+    t = await polled(src)
+    assert t.secret_key_rate_bps is None and t.qber is not None and t.extra["model"] == "EMU-Cerberis-XG"
+    assert t.missing["secret_key_rate_bps"].startswith("no answer for 1.3.6.1.3.9999.1.2.0 within 0.3 s while the "
+                                                       "agent answers other OIDs (it answered before")
+    assert list(t.alarms) == ["secret_key_rate_bps"] and src.health.state == "degraded"
+    await back_to_normal(src, qkd)
+
+
+async def test_an_agent_that_stops_answering_goes_down_and_comes_back_by_itself(qkd, source, security):
+    src = source(security)
+    await src.connect()
+    qkd.faults.hang = True
+    for state in ("degraded", "degraded", "down"):
+        outcome = await asyncio.wait_for(src.next_poll(), 10)
+        assert isinstance(outcome, DeviceUnavailable) and "no answer within 0.3 s" in str(outcome)
+        assert src.health.state == state
+    with pytest.raises(DeviceUnavailable, match="qkd1 .*GET 1.3.6.1.3.9999.1.1.0.*no answer within 0.3 s"):
+        await src.telemetry()
+    await back_to_normal(src, qkd)
+
+
+@pytest.mark.parametrize("mode, reasons", [
+    ("type", {"qber": r"1.3.6.1.3.9999.1.1.0 answered OctetString b'\\xffjunk\\x00', expected Gauge32/Unsigned32",
+              "state": r"answered OctetString .*, expected Integer32 with a named value",
+              "model": r"answered OctetString b'\\xffjunk\\x00', expected printable text"}),
+    ("value", {"qber": r"answered Gauge32 4294967295 = 429497, outside 0..0.5",
+               "state": r"answered Integer32 -2147483648, expected one of 1 \(running\), 2 \(stopped\)",
+               "model": r"answered OctetString b'\\x00\\xff\?\?x\?\?', expected printable text",
+               "visibility": r"outside 0..1"}),
+])
+async def test_garbage_values_are_alarms_naming_what_came_back(qkd, source, mode, reasons):
+    src = source()
+    await src.connect()
+    qkd.faults.garbage = mode
+    t = await polled(src)
+    assert t.qber is None and t.state == "unknown"
+    for name, pattern in reasons.items():
+        assert re.search(pattern, t.missing[name]), (name, t.missing[name])
+        assert name in t.alarms
+    assert src.health.state == "degraded"
+    await back_to_normal(src, qkd)
+
+
+async def test_slow_answers_within_the_timeout_work_and_beyond_it_fail(qkd, source):
+    src = source()
+    qkd.faults.delay = 0.1
+    assert (await src.telemetry()).qber is not None and src.health.state == "up"
+    qkd.faults.delay = 0.5
+    with pytest.raises(DeviceUnavailable, match="no answer within 0.3 s"):
+        await src.telemetry()
+    assert src.health.state == "degraded"
+    qkd.clear_faults()
+    await asyncio.sleep(0.3)                                  # late answers arrive now: they must be ignored
+    assert (await src.telemetry()).missing == {} and src.health.state == "up"
+
+
+@pytest.mark.parametrize("wrong, message", [
+    ({"auth_password": "not-the-auth-pass"}, "authentication failed .*check auth_password"),
+    ({"priv_password": "not-the-priv-pass"}, "could not decrypt .*check priv_password"),
+])
+async def test_wrong_v3_credentials_fail_the_poll_clearly(qkd, source, wrong, message):
+    src = source({**V3, **wrong})
+    with pytest.raises(DeviceUnauthorized, match=message) as e:
+        await src.connect()
+    for secret in (AUTH_PW, PRIV_PW, "not-the-auth-pass", "not-the-priv-pass"):
+        assert secret not in str(e.value) and secret not in src.health.last_error
+    assert src.health.state == "degraded"
+    with pytest.raises(DeviceUnauthorized, match=message):
+        await src.telemetry()                                 # the poller keeps trying; the answer stays no
