@@ -7,7 +7,10 @@ so the faults cost little time.
 """
 
 import asyncio
+import logging
 import re
+import tomllib
+from pathlib import Path
 
 import pytest
 from pysnmp.proto import rfc1902
@@ -295,13 +298,15 @@ async def test_port_states_and_power_monitors(emu, switch, security):
     ({"user": "mallory"}, "does not know v3 user 'mallory'"),
     ({"auth_protocol": "SHA-256"}, "authentication failed"),
 ])
-async def test_wrong_v3_credentials_are_a_clear_error_without_the_password(emu, switch, wrong, message):
+async def test_wrong_v3_credentials_are_a_clear_error_without_the_password(emu, switch, wrong, message, caplog):
+    caplog.set_level(logging.DEBUG)
     sw = switch({**V3, **wrong})
     with pytest.raises(DeviceUnauthorized, match=message) as e:
         await sw.cross_connects()
     for secret in (AUTH_PW, PRIV_PW, "not-the-auth-pass", "not-the-priv-pass"):
-        assert secret not in str(e.value) and secret not in sw.health.last_error
+        assert secret not in str(e.value) and secret not in sw.health.last_error and secret not in caplog.text
     assert sw.health.state == "degraded" and "v3 user" in sw.health.last_error
+    assert "health unknown -> degraded" in caplog.text         # the log says it, without the secret
     assert await switch(V3).cross_connects() == {}           # the right user still gets in
 
 
@@ -682,12 +687,27 @@ async def test_slow_answers_within_the_timeout_work_and_beyond_it_fail(qkd, sour
     ({"auth_password": "not-the-auth-pass"}, "authentication failed .*check auth_password"),
     ({"priv_password": "not-the-priv-pass"}, "could not decrypt .*check priv_password"),
 ])
-async def test_wrong_v3_credentials_fail_the_poll_clearly(qkd, source, wrong, message):
+async def test_wrong_v3_credentials_fail_the_poll_clearly(qkd, source, wrong, message, caplog):
+    caplog.set_level(logging.DEBUG)
     src = source({**V3, **wrong})
     with pytest.raises(DeviceUnauthorized, match=message) as e:
         await src.connect()
     for secret in (AUTH_PW, PRIV_PW, "not-the-auth-pass", "not-the-priv-pass"):
-        assert secret not in str(e.value) and secret not in src.health.last_error
-    assert src.health.state == "degraded"
+        assert secret not in str(e.value) and secret not in src.health.last_error and secret not in caplog.text
+    assert src.health.state == "degraded" and "health unknown -> degraded" in caplog.text
     with pytest.raises(DeviceUnauthorized, match=message):
         await src.telemetry()                                 # the poller keeps trying; the answer stays no
+
+
+def test_the_toml_examples_in_the_protocol_doc_are_valid_settings():
+    doc = (Path(__file__).parent.parent / "docs" / "protocols" / "snmp.md").read_text()
+    blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", doc, re.S)]
+    switches = [(b["switches"][0] if isinstance(b["switches"], list) else b["switches"])["settings"]
+                for b in blocks if "switches" in b]
+    links = [b["links"]["telemetry"]["settings"] for b in blocks if "links" in b]
+    assert len(switches) == 2 and len(links) == 1
+    for settings in switches:
+        PolatisSnmpSwitch.check_settings(settings, file="snmp.md", key="switches.settings")
+    m = SnmpTelemetrySource.check_settings(links[0], file="snmp.md", key="links.telemetry.settings")
+    table = {x.name: x for x in m["metric_table"]}
+    assert table["qber"].scale == 0.001 and table["temperature_c"].type == "integer"
