@@ -42,6 +42,7 @@ import time
 import tty
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -485,7 +486,8 @@ class CvLink:
 
     def __init__(self, directory: Path, *, channel_loss_db: float = 10.0, trusted_tx_loss_db: float = 3.0,
                  excess_noise: float = 0.01, photons: float = BEST_PHOTONS, block_bits: int = 8192,
-                 time_scale: float = 1.0, tune_seconds: float = 20.0, store_blocks: int = 256, name: str = "cvqkd"):
+                 time_scale: float = 1.0, tune_seconds: float = 20.0, store_blocks: int = 256, name: str = "cvqkd",
+                 fibre: Callable[[], bool] | None = None):
         if block_bits % 8 or not 8 <= block_bits <= 65536:
             raise ValueError("block_bits must be a multiple of 8 from 8 to 65536")
         self.directory = Path(directory)
@@ -493,6 +495,8 @@ class CvLink:
         self.excess_noise, self.photons = excess_noise, photons
         self.block_bits, self.time_scale, self.tune_seconds = block_bits, time_scale, tune_seconds
         self.store_blocks = store_blocks
+        # The fibre between the modules, e.g. through optical switches: no light, no key.
+        self.fibre = fibre or (lambda: True)
         self.session = secrets.token_hex(4)
         self.blocks_made = 0
         self.tx = CvModule(self, "transmitter", self.directory / f"{name}-tx")
@@ -543,7 +547,8 @@ class CvLink:
 
     def conditions(self, now: float | None = None) -> str:
         """'' if key can be made, else the no-key reason."""
-        if not all(self.ready(m, now) for m in self.modules) or self.tx.channel != self.rx.channel:
+        if not all(self.ready(m, now) for m in self.modules) or self.tx.channel != self.rx.channel or \
+                not self.fibre():
             return "signal"
         if self.channel_loss_db > MAX_CHANNEL_LOSS_DB or \
                 self.channel_loss_db + self.trusted_tx_loss_db > MAX_TOTAL_LOSS_DB:
