@@ -7,7 +7,10 @@ can ship one as a package of its own.
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -203,6 +206,44 @@ class SpectrumAnalyser(Protocol):
 
 
 # ---------------------------------------------------------------- link telemetry and CV-QKD modules
+
+
+def quantum_band_power(trace: Trace, itu_channels: Iterable[int], half_width_ghz: float, *,
+                       resolution_nm: float | None = None) -> dict[int, float]:
+    """Power (dBm) the trace shows inside each quantum channel's band, the ITU channel's centre
+    +- `half_width_ghz`. Without `resolution_nm`: the highest level in the band (a carrier that
+    leaked in shows at its own power). With the resolution bandwidth the sweep used: the power
+    integrated over the band (each sample holds the power in one resolution bandwidth), which
+    also catches broadband ASE. Wavelengths must ascend, as in every sweep. ValueError if a band
+    holds no sample of the trace."""
+    if not _finite(half_width_ghz) or half_width_ghz <= 0:
+        raise ValueError(f"half_width_ghz must be a positive number, found {half_width_ghz!r}")
+    if resolution_nm is not None and (not _finite(resolution_nm) or resolution_nm <= 0):
+        raise ValueError(f"resolution_nm must be a positive number, found {resolution_nm!r}")
+    xs, ys = trace.wavelengths_nm, trace.powers_dbm
+    out: dict[int, float] = {}
+    for ch in itu_channels:
+        f0 = itu_frequency_thz(ch)
+        lo_nm, hi_nm = nm_to_thz(f0 + half_width_ghz / 1000), nm_to_thz(f0 - half_width_ghz / 1000)
+        i, j = bisect.bisect_left(xs, lo_nm), bisect.bisect_right(xs, hi_nm)
+        if i >= j:
+            span = f"{xs[0]:.3f}-{xs[-1]:.3f} nm" if xs else "an empty trace"
+            raise ValueError(f"ITU channel {ch} +- {half_width_ghz:g} GHz ({lo_nm:.3f}-{hi_nm:.3f} nm) holds no "
+                             f"sample of the trace ({span})")
+        if resolution_nm is None:
+            out[ch] = max(ys[i:j])
+            continue
+        total_mw = 0.0
+        for k in range(i, j):
+            left = xs[k] - xs[k - 1] if k > 0 else xs[k + 1] - xs[k] if k + 1 < len(xs) else resolution_nm
+            right = xs[k + 1] - xs[k] if k + 1 < len(xs) else left
+            total_mw += 10 ** (ys[k] / 10) * ((left + right) / 2) / resolution_nm
+        out[ch] = 10 * math.log10(total_mw) if total_mw > 0 else -math.inf
+    return out
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
