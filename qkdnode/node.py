@@ -24,6 +24,7 @@ from qkdnode.links import LinkPool
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import PeerClient, make_peer_app
 from qkdnode.sdnotify import SystemdNotifier
+from qkdnode.telemetry import Telemetry
 from qkdnode.tlsutil import checked, client_context, server_context
 from qkdnode.vault import Vault, load_master_key
 
@@ -38,7 +39,7 @@ class Node:
         t = cfg.tls
         pems = (("tls.ca", t.ca), ("tls.cert", t.cert), ("tls.key", t.key))
         self.server_ssl = checked(cfg.file, server_context, *pems)
-        client_ssl = checked(cfg.file, client_context, *pems)
+        self.client_ssl = client_ssl = checked(cfg.file, client_context, *pems)
         self.peers = {pid: PeerClient(p, client_ssl, self.metrics) for pid, p in cfg.peers.items()}
         self.pools: dict[str, LinkPool] = {}
         for i, link in enumerate(cfg.links):
@@ -47,6 +48,7 @@ class Node:
                                            self.metrics, cfg.saes)
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []
+        self.telemetry = Telemetry(self.metrics, self.pools)
 
     def pool_to(self, node_id: str) -> LinkPool | None:
         link = self.cfg.link_to(node_id)
@@ -64,8 +66,16 @@ class Node:
             await pool.start()
         if self.cfg.vault.audit_retention_days:
             self._tasks.append(asyncio.create_task(self._audit_retention(), name="audit retention"))
+        self._start_telemetry()
         log.info("node %s up: ETSI 014 on https://%s, peer channel on https://%s, %d link(s)",
                  self.cfg.node_id, self.cfg.api, self.cfg.peer_listen, len(self.pools))
+
+    # ------------------------------------------------------------ operations (issue 7)
+
+    def _start_telemetry(self) -> None:
+        self.telemetry.certificates(self.cfg)
+        self.metrics.config_loaded.set_to_current_time()
+        self._tasks.append(asyncio.create_task(self.telemetry.run(), name="telemetry"))
 
     async def _serve(self, app: web.Application, where: Listen, ssl_context) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
