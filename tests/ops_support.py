@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from pathlib import Path
 
@@ -33,3 +34,24 @@ def value(page: dict, name: str, **labels: str) -> float | None:
     found = series(page, name, **labels)
     assert len(found) <= 1, f"{name}{labels} matches {len(found)} series"
     return next(iter(found.values()), None)
+
+
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+                 "offset", "inf", "nan", "atan2"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (not functions, labels, keywords or numbers).
+    Grafana's $variables inside label matchers and ranges are ignored with them."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)
+    e = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
+        before, after = e[:m.start()], e[m.end():].lstrip()
+        if after.startswith("(") or m.group().lower() in _PROMQL_WORDS:
+            continue  # a function or an operator
+        if before and (before[-1].isalnum() or before[-1] in ".$"):
+            continue  # a number's exponent or unit (1e3, 5m) or a $variable
+        names.add(m.group())
+    return names
