@@ -1,6 +1,8 @@
 """The operator's kit in ops/: alert rules checked and unit-tested by Prometheus' own promtool,
 and every metric they (and the dashboard) use is one a node exports."""
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +16,7 @@ from tests.ops_support import promql_metric_names
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "ops" / "prometheus"
 RULES = PROMETHEUS / "qkdnode-alerts.yml"
+DASHBOARD = ROOT / "ops" / "grafana" / "qkdnode.json"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: apt install prometheus)")
 
@@ -85,3 +88,67 @@ def test_metric_names_are_read_out_of_promql_correctly():
         {"qkdnode_certificate_expiry_timestamp_seconds"}
     assert promql_metric_names("qkdnode_pool_ready_bits < 0.1 * on (node, link) qkdnode_pool_target_bits offset 5m"
                                ) == {"qkdnode_pool_ready_bits", "qkdnode_pool_target_bits"}
+
+
+# ---------------------------------------------------------------- the Grafana dashboard
+
+
+def dashboard_panels() -> list[dict]:
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))  # panels of collapsed rows
+    return out
+
+
+def dashboard_exprs() -> dict[str, list[str]]:
+    return {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dashboard_panels() if p["type"] != "row"}
+
+
+def test_dashboard_is_grafana_json_with_a_prometheus_datasource_variable():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    panels = dashboard_panels()
+    assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
+    for p in panels:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}", p["title"]
+            assert p["targets"] and all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"]), p["title"]
+
+
+def test_dashboard_panels_do_not_overlap():
+    cells = {}
+    for p in dashboard_panels():
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[x, y]!r}"
+                cells[x, y] = p["title"]
+
+
+def test_every_dashboard_query_names_only_metrics_a_node_exports():
+    exported = NodeMetrics("n").metric_names() | PROMETHEUS_OWN
+    for title, exprs in dashboard_exprs().items():
+        for expr in exprs:
+            used = promql_metric_names(expr)
+            assert used and used <= exported, f"panel {title!r}: {sorted(used - exported)} not exported"
+    for var in json.loads(DASHBOARD.read_text())["templating"]["list"]:
+        if var["type"] == "query":
+            metric = re.fullmatch(r"label_values\((\w+)(\{.*\})?, *(\w+)\)", var["query"]["query"]).group(1)
+            assert metric in exported, f"variable {var['name']}: {metric}"
+
+
+def test_dashboard_shows_what_operators_watch():
+    used = set().union(*(promql_metric_names(e) for exprs in dashboard_exprs().values() for e in exprs))
+    for metric in ("qkdnode_link_qber_ratio", "qkdnode_link_secret_key_rate_bits_per_second",
+                   "qkdnode_link_excess_noise_snu", "qkdnode_pool_ready_bits", "qkdnode_pool_time_to_empty_seconds",
+                   "qkdnode_optical_channel_power_dbm", "qkdnode_optical_channel_osnr_db",
+                   "qkdnode_quantum_band_power_dbm", "qkdnode_switch_cross_connect", "qkdnode_device_up",
+                   "qkdnode_etsi014_requests_total", "qkdnode_etsi014_request_seconds_bucket",
+                   "qkdnode_vault_commit_seconds_bucket", "qkdnode_certificate_expiry_timestamp_seconds",
+                   "qkdnode_relay_link_bits_total", "qkdnode_keys_served_total", "up"):
+        assert metric in used, f"no panel shows {metric}"
