@@ -23,6 +23,7 @@ from qkdnode.interfaces import load_driver
 from qkdnode.links import LinkPool
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import PeerClient, make_peer_app
+from qkdnode.reload import SighupReloads, reload_node
 from qkdnode.sdnotify import SystemdNotifier
 from qkdnode.telemetry import Telemetry
 from qkdnode.tlsutil import checked, client_context, server_context
@@ -76,6 +77,11 @@ class Node:
         self.telemetry.certificates(self.cfg)
         self.metrics.config_loaded.set_to_current_time()
         self._tasks.append(asyncio.create_task(self.telemetry.run(), name="telemetry"))
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read the config and the TLS material; apply what may change while running
+        (qkdnode/reload.py says what), refuse the rest and keep the config in force."""
+        return await reload_node(self)
 
     async def _serve(self, app: web.Application, where: Listen, ssl_context) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -141,6 +147,8 @@ async def run_node(cfg: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads = SighupReloads(node, systemd)
+    loop.add_signal_handler(signal.SIGHUP, reloads.signalled)
     # Fed from the start: opening a large vault may take longer than half of WatchdogSec.
     watchdog = systemd.start_watchdog(healthy=lambda: node.vault.writer_alive)
     try:
@@ -148,10 +156,12 @@ async def run_node(cfg: NodeConfig) -> None:
         await node.start()
         systemd.ready(f"node {cfg.node_id}: serving ETSI 014 on {cfg.api}, peer channel on {cfg.peer_listen}, "
                       f"{len(node.pools)} link(s)")
+        reloads.serving()
         await stop.wait()
         log.info("node %s stopping", cfg.node_id)
         systemd.stopping(f"node {cfg.node_id}: stopping")
     finally:
+        reloads.cancel()
         if watchdog is not None:
             watchdog.cancel()
         await node.stop()  # also after a failed start: close what was opened
