@@ -22,7 +22,6 @@ import base64
 import binascii
 import json
 import logging
-import math
 import time
 import tomllib
 import uuid

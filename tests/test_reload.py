@@ -117,7 +117,8 @@ def http_status(conn: ssl.SSLSocket, path: str) -> str:
         chunk = conn.recv(4096)
         assert chunk, "the node closed the connection"
         head += chunk
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     body = head.split(b"\r\n\r\n", 1)[1]
     while len(body) < length:
         body += conn.recv(4096)
