@@ -5,6 +5,14 @@ host and the config reaches it by IP); `status` read at connect and before each 
 `number` and `size` stay inside what the KME allows; a timeout per call, retries with
 exponential backoff on timeouts, refused connections and 503; 400, 401 and a KME certificate
 that fails verification raised at once as distinct errors. Key bits leave this module only inside KeyBlock objects.
+
+Telemetry (`telemetry()`, for the node's metrics): ETSI 014 carries no QBER and no key rate. The
+driver reads them from the status call's `status_extension` object when the KME puts them there
+as `qber` (a fraction) and `secret_key_rate_bps` (our KME emulator does; no vendor we know of
+does: an ID Quantique KME reports QBER over SNMP). Without them QBER is not reported, and the
+secret key rate is estimated from key arrival over the last `ARRIVAL_WINDOW` seconds: key taken
+from the KME by this node plus the change in what it holds. While the KME's store is full it
+may be discarding key, so then the rate is not reported either.
 """
 
 from __future__ import annotations
@@ -14,8 +22,10 @@ import base64
 import binascii
 import json
 import logging
+import time
 import tomllib
 import uuid
+from collections import deque
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -28,8 +38,9 @@ from qkdnode.errors import (
     DeviceUnauthorized,
     DeviceUnavailable,
     DeviceUntrusted,
+    DriverError,
 )
-from qkdnode.interfaces import KeyBlock, SourceStatus, driver_settings
+from qkdnode.interfaces import DeviceHealth, KeyBlock, LinkTelemetry, SourceStatus, driver_settings
 from qkdnode.tlsutil import checked, client_context
 
 log = logging.getLogger("drivers.etsi014")
@@ -39,6 +50,7 @@ _STATUS_INTS = ("key_size", "stored_key_count", "max_key_count", "max_key_per_re
                 "min_key_size")
 _SETTINGS = {"profile", "url", "peer_sae_id", "sae_id", "ca", "cert", "key", "server_hostname", "key_size",
              "timeout", "retries", "backoff", "backoff_max", "auth_400_pattern"}
+ARRIVAL_WINDOW = 30.0  # seconds of status history behind the estimated secret key rate
 
 
 class Etsi014KeySource:
@@ -60,6 +72,9 @@ class Etsi014KeySource:
         self._ssl = ssl_context or client_context(ca, cert, key)
         self._session: aiohttp.ClientSession | None = None
         self.last_status: SourceStatus | None = None
+        self.health = DeviceHealth()
+        self._taken_bits = 0  # key this end took from the KME, for the arrival estimate
+        self._arrivals: deque[tuple[float, int, int]] = deque()  # (time, bits the KME holds, _taken_bits)
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any], *, file, key: str) -> dict[str, Any]:
@@ -113,7 +128,17 @@ class Etsi014KeySource:
     # -- the three calls
 
     async def status(self) -> SourceStatus:
+        return (await self._read_status())[0]
+
+    async def _read_status(self) -> tuple[SourceStatus, dict]:
         body = await self._call("GET", f"{self.peer_sae_id}/status")
+        try:
+            return self._parse_status(body)
+        except DeviceProtocolError as exc:
+            self.health.failed(exc)  # it answered, but not what a KME answers
+            raise
+
+    def _parse_status(self, body: Any) -> tuple[SourceStatus, dict]:
         if not isinstance(body, dict):
             raise DeviceProtocolError(f"{self.base}: status is not a JSON object")
         values = {}
@@ -127,7 +152,24 @@ class Etsi014KeySource:
         if st.max_key_per_request < 1 or not st.min_key_size <= st.max_key_size:
             raise DeviceProtocolError(f"{self.base}: status limits make no sense: {values}")
         self.last_status = st
-        return st
+        ext = body.get("status_extension")
+        return st, ext if isinstance(ext, dict) else {}
+
+    async def telemetry(self) -> LinkTelemetry:
+        st, ext = await self._read_status()
+        now, held = time.monotonic(), st.stored_key_count * st.key_size
+        self._arrivals.append((now, held, self._taken_bits))
+        while len(self._arrivals) > 2 and now - self._arrivals[0][0] > ARRIVAL_WINDOW:
+            self._arrivals.popleft()
+        qber = _figure(ext.get("qber"), 0.0, 1.0)
+        skr = _figure(ext.get("secret_key_rate_bps"), 0.0, 1e13)
+        if skr is None and st.stored_key_count < st.max_key_count:
+            t0, held0, taken0 = self._arrivals[0]
+            if now > t0:
+                skr = max(0.0, (held - held0 + self._taken_bits - taken0) / (now - t0))
+        state = ext.get("state") if isinstance(ext.get("state"), str) and ext["state"].isprintable() else None
+        return LinkTelemetry(state=(state or ("no-key" if st.stored_key_count == 0 else "running"))[:40],
+                             qber=qber, secret_key_rate_bps=skr)
 
     def key_size(self, st: SourceStatus) -> int:
         """The size we ask for: ours if set, else the KME's default; kept inside its limits."""
@@ -142,7 +184,9 @@ class Etsi014KeySource:
         if number <= 0:
             return []
         body = await self._call("POST", f"{self.peer_sae_id}/enc_keys", {"number": number, "size": size})
-        return self._parse_keys(body, size, expect_ids=None)
+        blocks = self._parse_keys(body, size, expect_ids=None)
+        self._taken_bits += sum(8 * len(b.bits) for b in blocks)
+        return blocks
 
     async def fetch_by_ids(self, block_ids: list[str]) -> list[KeyBlock]:
         st = self.last_status or await self.status()
@@ -152,6 +196,7 @@ class Etsi014KeySource:
             body = await self._call("POST", f"{self.peer_sae_id}/dec_keys",
                                     {"key_IDs": [{"key_ID": k} for k in chunk]})
             out.extend(self._parse_keys(body, None, expect_ids=chunk))
+        self._taken_bits += sum(8 * len(b.bits) for b in out)
         return out
 
     # -- transport
@@ -163,13 +208,23 @@ class Etsi014KeySource:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return await self._once(method, url, payload)
+                answer = await self._once(method, url, payload)
+            except DeviceRejected:
+                self.health.ok()  # the KME answered properly; the request was out of its limits
+                raise
             except DeviceUnavailable as exc:
                 if attempt == self.retries:
+                    self.health.failed(exc)
                     raise
                 log.warning("%s %s; retrying in %.2f s", method, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
+            except DriverError as exc:
+                self.health.failed(exc)
+                raise
+            else:
+                self.health.ok()
+                return answer
 
     async def _once(self, method: str, url: str, payload: Any) -> Any:
         try:
@@ -205,6 +260,13 @@ class Etsi014KeySource:
         raise DeviceProtocolError(f"{url}: unexpected HTTP {status}: {message}")
 
     def _parse_keys(self, body: Any, size: int | None, expect_ids: list[str] | None) -> list[KeyBlock]:
+        try:
+            return self._parse_key_container(body, size, expect_ids)
+        except DeviceProtocolError as exc:
+            self.health.failed(exc)
+            raise
+
+    def _parse_key_container(self, body: Any, size: int | None, expect_ids: list[str] | None) -> list[KeyBlock]:
         keys = body.get("keys") if isinstance(body, dict) else None
         if not isinstance(keys, list):
             raise DeviceProtocolError(f"{self.base}: key container without a 'keys' array")
@@ -232,6 +294,13 @@ class Etsi014KeySource:
         if not blocks:
             raise DeviceProtocolError(f"{self.base}: enc_keys answered no keys")
         return list(blocks.values())
+
+
+def _figure(value: Any, lo: float, hi: float) -> float | None:
+    """A number a KME reported in status_extension, if it is one and in range; else not reported."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        return None
+    return float(value)
 
 
 def _error_message(text: str) -> str:

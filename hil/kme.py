@@ -6,6 +6,11 @@ commonName. They share one key stream that accrues at a set secret key rate up t
 at the other end, where `dec_keys` hands it out once. `status` tells the truth about the
 stream. Profiles imitate the vendors' limits; faults are set per end on command.
 
+Beyond what a vendor's KME says over ETSI 014, `status` carries the link's QBER and secret key
+rate in its `status_extension` object (`qber`, `secret_key_rate_bps`): an emulator-only habit
+that gives the node's etsi014 driver true figures to report (docs/metrics.md). `qber.force()`
+makes the link's QBER exceed a threshold.
+
 This module is deliberately independent of qkdnode's own ETSI 014 server: it plays a vendor's
 box, and a shared parser would hide a shared bug.
 """
@@ -22,6 +27,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from hil.qber import QberDrift
 
 PROFILES = {
     # No vendor publishes its limits; these are in the ranges seen on published demo KMEs.
@@ -88,6 +95,7 @@ class KmePair:
         self.stream = KeyStream(self.limits["key_size"], max_key_count, rate_bps, initial_keys)
         self.max_key_count = max_key_count
         self.ends = {"A": KmeEnd(kme_ids[0], sae_a), "B": KmeEnd(kme_ids[1], sae_b)}
+        self.qber = QberDrift()
         self._runners: list[web.AppRunner] = []
 
     def other(self, side: str) -> KmeEnd:
@@ -158,7 +166,14 @@ class KmePair:
             "max_key_count": self.max_key_count, "max_key_per_request": self.limits["max_key_per_request"],
             "max_key_size": self.limits["max_key_size"], "min_key_size": self.limits["min_key_size"],
             "max_SAE_ID_count": self.limits["max_SAE_ID_count"],
+            "status_extension": self.status_extension(),
         })
+
+    def status_extension(self) -> dict:
+        ext = {"qber": self.qber.value()}
+        if self.stream.rate_bps is not None:
+            ext["secret_key_rate_bps"] = float(self.stream.rate_bps)
+        return ext
 
     async def enc_keys(self, side: str, caller: str, request: web.Request) -> web.Response:
         slave = request.match_info["sae"]

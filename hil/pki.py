@@ -1,7 +1,9 @@
 """A throwaway PKI for emulated networks and tests: one CA, certificates issued on demand.
 
 Everything is generated at run time into a work folder; nothing here is ever committed.
-Keys are EC P-256, files are written 0600.
+Keys are EC P-256, files are written 0600. The CA's key is kept there too (`ca-key.pem`), so a
+test or an operator of the demo can issue more certificates later (`ThrowawayPKI.open`), e.g.
+to renew a node's certificate and watch the node reload it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,19 @@ class ThrowawayPKI:
         )
         self.ca = self.dir / "ca.pem"
         self.ca.write_bytes(self._ca_cert.public_bytes(serialization.Encoding.PEM))
+        write_private(self.dir / "ca-key.pem", self._ca_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+    @classmethod
+    def open(cls, directory: Path) -> "ThrowawayPKI":
+        """The PKI a previous run made in `directory` (its ca.pem and ca-key.pem)."""
+        pki = cls.__new__(cls)
+        pki.dir = Path(directory)
+        pki.ca = pki.dir / "ca.pem"
+        pki._ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+        pki._ca_name = pki._ca_cert.subject
+        pki._ca_key = serialization.load_pem_private_key((pki.dir / "ca-key.pem").read_bytes(), password=None)
+        return pki
 
     def issue(self, name: str, cn: str, *, hosts: tuple[str, ...] = (), server: bool = False,
               client: bool = True, days: int = 30) -> Credential:

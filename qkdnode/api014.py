@@ -53,8 +53,18 @@ def _error(status: int, message: str, details: list | None = None) -> web.Respon
     return web.json_response(body, status=status)
 
 
+class _ConfigInForce:
+    """The node's config as it is when a request reads it: a SIGHUP may replace node.cfg."""
+
+    def __init__(self, node: "Node"):
+        self._node = node
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._node.cfg, name)
+
+
 def make_api_app(node: "Node") -> web.Application:
-    cfg, metrics = node.cfg, node.metrics
+    cfg, metrics = _ConfigInForce(node), node.metrics
 
     @web.middleware
     async def errors(request: web.Request, handler):

@@ -1,4 +1,4 @@
-"""The `qkdnode` command: run a node, start an emulated network, look after the vault."""
+"""The `qkdnode` command: run a node, report its status, start an emulated network, look after the vault."""
 
 from __future__ import annotations
 
@@ -54,6 +54,19 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
         Node(cfg)  # reads the master key and TLS material and builds every driver; opens no socket
     print(f"{cfg.file}: node {cfg.node_id}, {len(cfg.links)} link(s), {len(cfg.saes)} SAE(s): OK")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from qkdnode import config
+    from qkdnode.status import NodeNotRunning, status
+
+    cfg = config.load(args.config)
+    try:
+        print(status(cfg, as_json=args.json))
+    except NodeNotRunning as exc:
+        log.error("%s", exc)
+        return 3  # as `systemctl status` and LSB init scripts say "not running"
     return 0
 
 
@@ -203,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-files", action="store_true",
                        help="check the file alone, not the TLS material and master key it names (on a staging host)")
     check.set_defaults(func=_cmd_check_config)
+
+    status = sub.add_parser(
+        "status", help="links, pools, devices, peers, SAEs and certificate expiry of a running node, read from its "
+                       "metrics endpoint (exit 3 if it is not running)")
+    status.add_argument("--config", required=True, help="the node's TOML file")
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    status.set_defaults(func=_cmd_status)
 
     demo = sub.add_parser(
         "demo", help="start an emulated network (five trusted nodes, relay, a combined link, a CV-QKD pair) on "

@@ -25,8 +25,10 @@ from qkdnode.links import LinkPool
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import PeerClient, make_peer_app
 from qkdnode.relay import Router, node_sae
+from qkdnode.reload import SighupReloads, reload_node
 from qkdnode.sdnotify import SystemdNotifier
 from qkdnode.skip import make_skip_app
+from qkdnode.telemetry import Telemetry
 from qkdnode.tlsutil import checked, client_context, server_context
 from qkdnode.vault import HandOut, Vault, load_master_key
 
@@ -41,7 +43,7 @@ class Node:
         t = cfg.tls
         pems = (("tls.ca", t.ca), ("tls.cert", t.cert), ("tls.key", t.key))
         self.server_ssl = checked(cfg.file, server_context, *pems)
-        client_ssl = checked(cfg.file, client_context, *pems)
+        self.client_ssl = client_ssl = checked(cfg.file, client_context, *pems)
         self.peers = {pid: PeerClient(p, client_ssl, self.metrics) for pid, p in cfg.peers.items()}
         self.pools: dict[str, LinkPool] = {}
         for i, link in enumerate(cfg.links):
@@ -54,6 +56,7 @@ class Node:
         self.streams = Streams(self)  # ETSI 004 key streams (both ends), served if [etsi004] is configured
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []
+        self.telemetry = Telemetry(self.metrics, self.pools)
 
     def pool_to(self, node_id: str) -> LinkPool | None:
         link = self.cfg.link_to(node_id)
@@ -93,8 +96,21 @@ class Node:
         self.router.start()
         if self.cfg.vault.audit_retention_days:
             self._tasks.append(asyncio.create_task(self._audit_retention(), name="audit retention"))
+        self._start_telemetry()
         log.info("node %s up: ETSI 014 on https://%s, peer channel on https://%s, %d link(s)",
                  self.cfg.node_id, self.cfg.api, self.cfg.peer_listen, len(self.pools))
+
+    # ------------------------------------------------------------ operations (issue 7)
+
+    def _start_telemetry(self) -> None:
+        self.telemetry.certificates(self.cfg)
+        self.metrics.config_loaded.set_to_current_time()
+        self._tasks.append(asyncio.create_task(self.telemetry.run(), name="telemetry"))
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read the config and the TLS material; apply what may change while running
+        (qkdnode/reload.py says what), refuse the rest and keep the config in force."""
+        return await reload_node(self)
 
     async def _serve(self, app: web.Application, where: Listen, ssl_context) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -161,6 +177,8 @@ async def run_node(cfg: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads = SighupReloads(node, systemd)
+    loop.add_signal_handler(signal.SIGHUP, reloads.signalled)
     # Fed from the start: opening a large vault may take longer than half of WatchdogSec.
     watchdog = systemd.start_watchdog(healthy=lambda: node.vault.writer_alive)
     try:
@@ -168,10 +186,12 @@ async def run_node(cfg: NodeConfig) -> None:
         await node.start()
         systemd.ready(f"node {cfg.node_id}: serving ETSI 014 on {cfg.api}, peer channel on {cfg.peer_listen}, "
                       f"{len(node.pools)} link(s)")
+        reloads.serving()
         await stop.wait()
         log.info("node %s stopping", cfg.node_id)
         systemd.stopping(f"node {cfg.node_id}: stopping")
     finally:
+        reloads.cancel()
         if watchdog is not None:
             watchdog.cancel()
         await node.stop()  # also after a failed start: close what was opened

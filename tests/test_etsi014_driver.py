@@ -4,6 +4,7 @@ The KMEs' certificates name only kme-a.lab / kme-b.lab while the config reaches 
 the labs; the driver is built from a link's settings exactly as the daemon builds it.
 """
 
+import asyncio
 import base64
 import time
 import uuid
@@ -323,3 +324,63 @@ def test_config_mistakes_name_the_file_and_the_key(settings, tmp_path, change, d
         Etsi014KeySource.from_settings(settings("A", **change), file=tmp_path / CONFIG, key=KEY)
     assert exc.value.key == f"{KEY}.{dotted}"
     assert str(tmp_path / CONFIG) in str(exc.value) and f"{KEY}.{dotted}:" in str(exc.value)
+
+
+# -- telemetry (issue 7): what the node's metrics show about a vendor link
+
+
+async def test_telemetry_reports_the_qber_and_key_rate_the_kme_puts_in_its_status_extension(kme, driver):
+    pair = await kme(profile="idq", rate_bps=20_000.0, initial_keys=10)
+    drv = await driver(pair, "B")
+    t = await drv.telemetry()
+    assert 0.0 < t.qber < 0.05 and t.secret_key_rate_bps == 20_000.0 and t.state == "running"
+    pair.qber.force(0.093)                                     # the link's QBER jumps: an alarm to raise
+    assert (await drv.telemetry()).qber == 0.093
+
+
+async def test_without_the_extension_qber_is_unknown_and_the_key_rate_is_estimated_from_arrival(kme, driver,
+                                                                                                monkeypatch):
+    """A vendor KME says nothing of QBER or rate over ETSI 014: the driver does not invent a QBER,
+    and estimates the rate from the key that arrives, counting what this node itself took."""
+    pair = await kme(profile="idq", rate_bps=40_000.0, initial_keys=0, max_key_count=100_000)
+    monkeypatch.setattr(pair, "status_extension", lambda: {})
+    drv = await driver(pair, "A")
+    first = await drv.telemetry()
+    assert first.qber is None and first.secret_key_rate_bps is None   # one sample: no rate yet
+    await asyncio.sleep(0.6)
+    assert len(await drv.fetch_new(8 * 256)) == 8                      # key taken meanwhile still counts
+    await asyncio.sleep(0.6)
+    t = await drv.telemetry()
+    assert t.qber is None and t.secret_key_rate_bps == pytest.approx(40_000, rel=0.25)
+
+
+async def test_a_full_kme_store_hides_the_key_rate_so_none_is_reported(kme, driver, monkeypatch):
+    pair = await kme(profile="idq", rate_bps=0.0, initial_keys=16, max_key_count=16)
+    monkeypatch.setattr(pair, "status_extension", lambda: {})
+    drv = await driver(pair, "A")
+    await drv.telemetry()
+    t = await drv.telemetry()
+    assert t.secret_key_rate_bps is None and t.state == "running"
+
+
+async def test_health_follows_the_kme_down_and_up_again(kme, driver):
+    pair = await kme(profile="idq", rate_bps=1000.0, initial_keys=4)
+    drv = await driver(pair, "A", retries=0, backoff=0.01)
+    assert drv.health.state == "up"
+    pair.ends["A"].faults.down = True
+    for _ in range(3):
+        with pytest.raises(DeviceUnavailable):
+            await drv.telemetry()
+    assert drv.health.state == "down" and "503" in drv.health.last_error
+    pair.ends["A"].faults.down = False
+    await drv.telemetry()
+    assert drv.health.state == "up"
+
+
+async def test_a_status_answer_that_is_no_kme_status_counts_against_health(kme, driver):
+    pair = await kme(profile="idq", rate_bps=1000.0, initial_keys=4)
+    drv = await driver(pair, "A", retries=0)
+    pair.ends["A"].faults.garbage = True
+    with pytest.raises(DeviceProtocolError):
+        await drv.telemetry()
+    assert drv.health.state == "degraded"

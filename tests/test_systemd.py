@@ -133,7 +133,7 @@ def test_unit_runs_the_daemon_as_a_notify_service_in_a_hardened_sandbox(path):
     assert unit["Service"]["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
     assert "AF_NETLINK" not in one(unit, "RestrictAddressFamilies")
     assert one(unit, "ExecStart").startswith(EXEC + " run --config /etc/qkdnode/")
-    assert "ExecReload" not in unit["Service"], "SIGHUP would kill a daemon that does not handle it"
+    assert one(unit, "ExecReload") == "/bin/kill -HUP $MAINPID", "systemctl reload sends the SIGHUP the daemon handles"
     assert "network-online.target" in one(unit, "After", "Unit")
     assert one(unit, "WantedBy", "Install") == "multi-user.target"
 
@@ -221,10 +221,11 @@ def installed(tmp_path):
     if not system_units.is_dir():
         pytest.skip(f"{system_units} is missing: systemd-analyze is here but not systemd's units")
     shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True)
-    exe = root / EXEC.lstrip("/")
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    exe.chmod(0o755)
+    for program in (EXEC, "/bin/kill"):  # ours, and procps' kill that ExecReload= runs
+        exe = root / program.lstrip("/")
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
     return root
 
 
