@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from qkdnode.errors import ConfigError, DeviceRejected
-from qkdnode.interfaces import KeyBlock, SourceStatus, check_driver, driver_settings, load_driver
+from qkdnode.interfaces import (DeviceHealth, KeyBlock, LinkTelemetry, SourceStatus, TelemetrySource, check_driver,
+                                driver_settings, load_driver)
 
 _SETTINGS = {"parts"}
 _PATH_SETTINGS = ("ca", "cert", "key")
@@ -111,6 +112,33 @@ class CombinedKeySource:
         for a, b in wanted:
             out.append(_combine([by_a[i] for i in a], [by_b[i] for i in b]))
         return out
+
+    @property
+    def health(self) -> DeviceHealth:
+        """The worse of the two devices' health (a part without one counts as unknown)."""
+        order = {s: i for i, s in enumerate(("up", "unknown", "degraded", "down"))}
+        states = [getattr(getattr(p, "health", None), "state", "unknown") for p in self.parts]
+        worst = max(states, key=lambda s: order.get(s, 1))
+        h = DeviceHealth()
+        h.state = worst
+        return h
+
+    async def telemetry(self) -> LinkTelemetry:
+        """What the two devices report, as one link: the worse QBER and excess noise, the lower
+        key rate (the combined link runs at the slower device's pace), the first state that is
+        not "running". A part that reports no telemetry contributes nothing."""
+        parts = [p for p in self.parts if isinstance(p, TelemetrySource)]
+        got = await asyncio.gather(*(p.telemetry() for p in parts))
+        worst = lambda values, pick: pick(v for v in values if v is not None) \
+            if any(v is not None for v in values) else None  # noqa: E731
+        skr = [t.secret_key_rate_bps for t in got]
+        return LinkTelemetry(
+            state=next((t.state for t in got if t.state != "running"), "running" if got else "unknown"),
+            qber=worst([t.qber for t in got], max),
+            excess_noise=worst([t.excess_noise for t in got], max),
+            snr=worst([t.snr for t in got], min),
+            channel_loss_db=worst([t.channel_loss_db for t in got], max),
+            secret_key_rate_bps=min(skr) if got and all(v is not None for v in skr) and len(got) == 2 else None)
 
     async def status(self) -> SourceStatus:
         sa, sb = await asyncio.gather(*(p.status() for p in self.parts))

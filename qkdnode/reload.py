@@ -11,6 +11,7 @@ What may change while running, and takes effect at once:
 - `[saes]`: SAEs added to the registry. (Removing or moving an SAE could strand keys waiting
   for it: that is a restart.)
 - `vault.audit_retention_days`, while it stays above 0.
+- `[routes]`: static relay paths, used from the next request on.
 
 Everything else is structural: node_id, the listen addresses, peers, links added or removed, a
 link's peer, role, driver or driver settings, the vault's path and master key, and any key this
@@ -69,6 +70,8 @@ def compare(old: NodeConfig, new: NodeConfig) -> tuple[list[str], list[str]]:
         elif f.name == "saes":
             live += [f"saes.{s}" for s in sorted(set(b) - set(a))]
             structural += [f"saes.{s}" for s in sorted(a) if b.get(s) != a[s]]
+        elif f.name == "routes":  # the router reads them per request
+            live += [f"routes.{d}" for d in sorted(set(a) | set(b)) if a.get(d) != b.get(d)]
         elif f.name == "peers":
             structural += [f"peers.{p}" for p in sorted(set(a) | set(b)) if a.get(p) != b.get(p)]
         elif f.name == "links":

@@ -7,7 +7,7 @@ import pytest
 
 from drivers.combined import CombinedKeySource
 from qkdnode.errors import ConfigError, DeviceRejected
-from qkdnode.interfaces import KeyBlock
+from qkdnode.interfaces import KeyBlock, LinkTelemetry
 
 
 class Device:
@@ -71,3 +71,21 @@ def test_settings_name_what_is_wrong(tmp_path):
     with pytest.raises(ConfigError, match="do not nest"):
         CombinedKeySource.check_settings({"parts": [{"driver": "combined"}, {"driver": "combined"}]}, file=file,
                                          key="links[0].settings")
+
+
+class Telemetered(Device):
+    def __init__(self, prefix, sizes, qber, skr, state="running"):
+        super().__init__(prefix, sizes)
+        self.figures = LinkTelemetry(state=state, qber=qber, secret_key_rate_bps=skr)
+
+    async def telemetry(self):
+        return self.figures
+
+
+async def test_telemetry_is_the_worse_device_and_the_slower_rate():
+    src = CombinedKeySource(Telemetered("a", [32], 0.01, 5000.0), Telemetered("b", [32], 0.03, 800.0))
+    t = await src.telemetry()
+    assert (t.state, t.qber, t.secret_key_rate_bps) == ("running", 0.03, 800.0)
+    src.parts[1].figures = LinkTelemetry(state="no-key", qber=None, secret_key_rate_bps=None)
+    t = await src.telemetry()
+    assert (t.state, t.qber, t.secret_key_rate_bps) == ("no-key", 0.01, None)

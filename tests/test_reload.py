@@ -53,7 +53,9 @@ def changed(edit) -> tuple[list[str], list[str]]:
     (lambda c: c["saes"].update({"sae-a9": "A"}), ["saes.sae-a9"]),
     (lambda c: c["tls"].update(cert="/pki/a-2026.pem", key="/pki/a-2026-key.pem"), ["tls.cert", "tls.key"]),
     (lambda c: c["vault"].update(audit_retention_days=30), ["vault.audit_retention_days"]),
-], ids=["key limits", "pool target and fetch interval", "an SAE added", "TLS files", "audit retention"])
+    (lambda c: c.update(routes={"E": ["B", "E"]}), ["routes.E"]),
+], ids=["key limits", "pool target and fetch interval", "an SAE added", "TLS files", "audit retention",
+        "a static route"])
 def test_settings_that_may_change_while_running(edit, live):
     assert changed(edit) == (live, [])
 
