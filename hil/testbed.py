@@ -100,6 +100,7 @@ class LinkSpec:
     master: str
     slave: str
     devices: tuple[str, ...]
+    switch: str | None = None   # the node whose optical switch the link's fibre runs through
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class Topology:
     nodes: dict[str, tuple[str, ...]]          # node -> its SAE IDs
     links: tuple[LinkSpec, ...]
     routes: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)  # node -> dest -> path
+    osa: frozenset[str] = frozenset()          # nodes with an optical spectrum analyser on the quantum fibre
 
     @property
     def saes(self) -> dict[str, str]:
@@ -128,15 +130,19 @@ def load_topology(path: Path) -> Topology:
     data = tomllib.loads(Path(path).read_text())
     try:
         nodes = {name: tuple(t.get("saes", ())) for name, t in data["nodes"].items()}
-        links = tuple(LinkSpec(l["id"], l["master"], l["slave"], tuple(l["devices"])) for l in data["links"])
+        links = tuple(LinkSpec(l["id"], l["master"], l["slave"], tuple(l["devices"]), l.get("switch"))
+                      for l in data["links"])
         routes = {n: {d: tuple(p) for d, p in r.items()} for n, r in data.get("routes", {}).items()}
+        osa = frozenset(name for name, t in data["nodes"].items() if t.get("osa") is True)
     except (KeyError, TypeError, AttributeError) as exc:
         raise RuntimeError(f"{path}: not a topology file ({exc!r})") from None
     for link in links:
         if link.master not in nodes or link.slave not in nodes or not link.devices or \
                 len(link.devices) > 2 or any(d not in DEVICES for d in link.devices):
             raise RuntimeError(f"{path}: link {link.id}: nodes must be listed and devices one or two of {DEVICES}")
-    return Topology(nodes, links, routes)
+        if link.switch is not None and (link.switch not in (link.master, link.slave) or link.devices != ("cv",)):
+            raise RuntimeError(f"{path}: link {link.id}: a switched link is a CV link through a switch at one end")
+    return Topology(nodes, links, routes, osa)
 
 
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "config" / "demo-topology.toml"
@@ -181,6 +187,7 @@ class Testbed:
 
     async def start(self) -> None:
         self._prepare()
+        await self._start_optics()
         for link in self.topology.links:
             self.devices[link.id] = [await self._start_device(link, i, kind) for i, kind in enumerate(link.devices)]
         for sae in self.SAES:
@@ -195,11 +202,39 @@ class Testbed:
         await asyncio.gather(*(self.wait_ready(n) for n in self.nodes))
         self.write_manifest()
 
+    # Switched CV links: at their switch node, ingress port 2k+1 takes the fibre from the far end
+    # and egress port 2k+17 goes to the CV module; ports 2 and 18 carry a classical channel.
+    CLASSICAL_PORTS = (2, 18)
+
+    def _switch_ports(self, link: LinkSpec) -> tuple[int, int]:
+        switched = [l for l in self.topology.links if l.switch == link.switch]
+        k = switched.index(link)
+        return 2 * k + 1, 2 * k + 17  # odd ports: never the classical ones
+
+    async def _start_optics(self) -> None:
+        from hil.osa import Aq6370Emulator
+        from hil.switch import PolatisEmulator
+        self.switches: dict[str, PolatisEmulator] = {}
+        self.osas: dict[str, Aq6370Emulator] = {}
+        for node in sorted({l.switch for l in self.topology.links if l.switch}):
+            sw = PolatisEmulator(ingress=16, egress=16, serial=f"EMU-{node}")
+            await sw.start(HOST)
+            sw.model.map[self.CLASSICAL_PORTS[0]] = self.CLASSICAL_PORTS[1]  # live classical traffic
+            self.switches[node] = sw
+        for node in sorted(self.topology.osa):
+            osa = Aq6370Emulator(sweep_time=0.5)
+            await osa.start(HOST)
+            self.osas[node] = osa
+
     async def _start_device(self, link: LinkSpec, i: int, kind: str):
         if kind == "cv":
             from hil.cvqkd import CvLink
+            fibre = None
+            if link.switch:
+                sw, (port_in, port_out) = self.switches[link.switch], self._switch_ports(link)
+                fibre = lambda: sw.model.map.get(port_in) == port_out  # noqa: E731
             cv = CvLink(self.dir / "cv" / f"{link.id}-{i}", channel_loss_db=8.0, tune_seconds=2.0,
-                        time_scale=self.cv_time_scale, name="cv")
+                        time_scale=self.cv_time_scale, name="cv", fibre=fibre)
             return await cv.start()
         tag = f"{link.id.lower()}-{i}"
         creds = [self.pki.issue(f"kme-{tag}-{side}", f"KME-{tag}-{side}", hosts=(f"kme-{tag}-{side}.lab",),
@@ -294,12 +329,40 @@ pool_target_bits = {self.pool_target_bits}
 fetch_interval = 0.2
 settings = {_toml_inline(driver['settings'])}
 """)
+        text.append(self._optics_config(name))
         text.append("\n[saes]\n" + "\n".join(f'"{s}" = "{node}"' for s, node in self.SAES.items()) + "\n")
         routes = self.topology.routes.get(name, {})
         if routes:
             text.append("\n[routes]\n" + "\n".join(f'{dest} = {json.dumps(list(path))}'
                                                     for dest, path in routes.items()) + "\n")
         n.config.write_text("".join(text))
+
+    def _optics_config(self, name: str) -> str:
+        out = []
+        if name in self.switches:
+            pairs = {str(a): b for a, b in (self._switch_ports(l) for l in self.topology.links if l.switch == name)}
+            settings = {"resource": self.switches[name].resource, "classical_ports": list(self.CLASSICAL_PORTS)}
+            out.append(f"""
+[[devices]]
+id = "sw-{name}"
+kind = "switch"
+driver = "polatis-scpi"
+poll_interval = 1.0
+cross_connects = {_toml_inline(pairs)}
+settings = {_toml_inline(settings)}
+""")
+        if name in self.osas:
+            out.append(f"""
+[[devices]]
+id = "osa-{name}"
+kind = "osa"
+driver = "aq6370"
+poll_interval = 3.0
+quantum_channels = [34]
+quantum_alarm_dbm = -50.0
+settings = {_toml_inline({"resource": self.osas[name].resource})}
+""")
+        return "".join(out)
 
     @staticmethod
     def node_hostname(name: str) -> str:
@@ -378,6 +441,8 @@ settings = {_toml_inline(driver['settings'])}
         for devices in self.devices.values():
             for dev in devices:
                 await dev.stop()
+        for optic in [*getattr(self, "switches", {}).values(), *getattr(self, "osas", {}).values()]:
+            await optic.stop()
 
 
 def _toml_inline(value) -> str:

@@ -49,11 +49,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     for i, link in enumerate(cfg.links):
         check_driver(link.driver, link.settings, file=cfg.file, key=f"links[{i}].driver")
+    for i, dev in enumerate(cfg.devices):
+        check_driver(dev.driver, dev.settings, file=cfg.file, key=f"devices[{i}].driver")
     if not args.no_files:
         from qkdnode.node import Node
 
         Node(cfg)  # reads the master key and TLS material and builds every driver; opens no socket
-    print(f"{cfg.file}: node {cfg.node_id}, {len(cfg.links)} link(s), {len(cfg.saes)} SAE(s): OK")
+    print(f"{cfg.file}: node {cfg.node_id}, {len(cfg.links)} link(s), {len(cfg.devices)} device(s), "
+          f"{len(cfg.saes)} SAE(s): OK")
     return 0
 
 
@@ -68,6 +71,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 3  # as `systemctl status` and LSB init scripts say "not running"
     return 0
+
+
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    from qkdnode import config
+    from qkdnode.spectrum import spectrum_png
+
+    if (args.config is None) == (args.node is None):
+        log.error("name the node: --config FILE, or --node NAME for a node of `qkdnode demo` (with --workdir)")
+        return 2
+    path = Path(args.config) if args.config else Path(args.workdir) / args.node / "node.toml"
+    cfg = config.load(path)
+    return asyncio.run(spectrum_png(cfg, osa=args.osa, out=Path(args.out), sweep=args.sweep))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -223,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", required=True, help="the node's TOML file")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.set_defaults(func=_cmd_status)
+
+    spectrum = sub.add_parser(
+        "spectrum", help="draw a node's optical spectrum to a PNG: DWDM channels labelled, quantum channels marked, "
+                         "their band power against the alarm level")
+    spectrum.add_argument("--config", help="the node's TOML file")
+    spectrum.add_argument("--node", help="a node of `qkdnode demo` (its config is WORKDIR/NODE/node.toml)")
+    spectrum.add_argument("--workdir", default="demo-work", help="the demo's folder, with --node (default: demo-work)")
+    spectrum.add_argument("--osa", help="the [[devices]] id of the spectrum analyser (default: the node's only one)")
+    spectrum.add_argument("--out", required=True, help="the PNG file to write")
+    spectrum.add_argument("--sweep", action="store_true",
+                          help="sweep now through the instrument instead of drawing the running daemon's latest sweep")
+    spectrum.set_defaults(func=_cmd_spectrum)
 
     demo = sub.add_parser(
         "demo", help="start an emulated network (five trusted nodes, relay, a combined link, a CV-QKD pair) on "

@@ -75,6 +75,31 @@ class LinkConfig:
         return self.role == "master"
 
 
+DEVICE_KINDS = ("switch", "osa", "telemetry")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Optical gear and telemetry sources of the node beside its links' key sources.
+
+    switch: `cross_connects` is the map this node keeps on the switch (set at start, kept when a
+    device comes back; other cross-connects are left alone). osa: swept every `poll_interval`
+    over `sweep_nm`; `quantum_channels` are ITU channels that must stay dark of classical light
+    (`quantum_alarm_dbm`). telemetry: figures of link `link` (QBER, key rate) from another
+    device than its key source (SNMP for the IDQ profile)."""
+
+    id: str
+    kind: str
+    driver: str
+    poll_interval: float
+    settings: dict[str, Any] = field(hash=False)
+    cross_connects: dict[int, int] = field(default_factory=dict, hash=False)
+    quantum_channels: tuple[int, ...] = ()
+    quantum_alarm_dbm: float = -50.0
+    sweep_nm: tuple[float, float] = (1528.0, 1568.0)
+    link: str | None = None
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     file: Path
@@ -89,6 +114,7 @@ class NodeConfig:
     links: tuple[LinkConfig, ...]
     saes: dict[str, str]  # SAE ID -> node ID (any node of the network; others are reached by relay)
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> static path, next hop first
+    devices: tuple[DeviceConfig, ...] = ()
     etsi004: Listen | None = None  # ETSI GS QKD 004 key streams for SAEs (docs/apis.md); None: not served
     skip: Listen | None = None     # SKIP for routers (docs/apis.md); None: not served
 
@@ -327,6 +353,8 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         t.finish()
         links.append(link)
 
+    devices = _devices(file, top.get("devices", "an array of [[devices]] tables", list, []), links)
+
     saes_t = top.table("saes", {})
     saes: dict[str, str] = {}
     for sae_id in list(saes_t.data):
@@ -369,4 +397,54 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         routes=routes,
         etsi004=etsi004,
         skip=skip,
+        devices=devices,
     )
+
+
+def _devices(file: Path, raw: list, links: list[LinkConfig]) -> tuple[DeviceConfig, ...]:
+    out: list[DeviceConfig] = []
+    for i, item in enumerate(raw):
+        t = _Table(file, f"devices[{i}]", item)
+        dev_id, kind = _ident(t, "id"), t.string("kind")
+        if kind not in DEVICE_KINDS:
+            raise t.error("kind", f"one of {', '.join(DEVICE_KINDS)}", kind)
+        if any(d.id == dev_id for d in out) or any(link.id == dev_id for link in links):
+            raise t.error("id", "an id no other device or link has", dev_id)
+        settings = dict(t.get("settings", "a table of driver settings", dict, {}))
+        for k, v in settings.items():
+            if k in ("ca", "cert", "key") and isinstance(v, str) and not Path(v).is_absolute():
+                settings[k] = str((file.parent / v).resolve())
+        kw: dict[str, Any] = {}
+        if kind == "switch":
+            raw_map = t.get("cross_connects", 'a table of ingress = egress ports, e.g. { "1" = 17 }', dict, {})
+            pairs: dict[int, int] = {}
+            for k, v in raw_map.items():
+                if not (k.isdigit() and isinstance(v, int) and not isinstance(v, bool) and int(k) > 0 and v > 0):
+                    raise t.error("cross_connects", 'ingress = egress port numbers, e.g. { "1" = 17 }', {k: v})
+                pairs[int(k)] = v
+            if len(set(pairs.values())) != len(pairs):
+                raise t.error("cross_connects", "each egress port used once", raw_map)
+            kw["cross_connects"] = pairs
+        elif kind == "osa":
+            chans = t.get("quantum_channels", "an array of ITU channel numbers", list, [])
+            if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 100 for c in chans):
+                raise t.error("quantum_channels", "an array of ITU channel numbers from 1 to 100", chans)
+            kw["quantum_channels"] = tuple(chans)
+            kw["quantum_alarm_dbm"] = t.number("quantum_alarm_dbm", -200, 50, -50.0)
+            span = t.get("sweep_nm", "[start, stop] wavelengths in nm", list, [1528.0, 1568.0])
+            if not (len(span) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in span)
+                    and 1200 <= span[0] < span[1] <= 1700):
+                raise t.error("sweep_nm", "[start, stop] wavelengths in nm, 1200 <= start < stop <= 1700", span)
+            kw["sweep_nm"] = (float(span[0]), float(span[1]))
+        else:
+            link = t.string("link")
+            if not any(lk.id == link for lk in links):
+                raise t.error("link", f"the id of one of this node's links ({', '.join(lk.id for lk in links)})",
+                              link)
+            kw["link"] = link
+        dev = DeviceConfig(id=dev_id, kind=kind, driver=t.string("driver"),
+                           poll_interval=t.number("poll_interval", 0.1, 3600, 5.0), settings=settings, **kw)
+        t.used.add("settings")
+        t.finish()
+        out.append(dev)
+    return tuple(out)

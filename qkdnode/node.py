@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from qkdnode.api004 import Streams, make_api004_app
 from qkdnode.api014 import make_api_app
 from qkdnode.config import Listen, NodeConfig
+from qkdnode.devices import Devices
 from qkdnode.errors import QkdnodeError
 from qkdnode.interfaces import load_driver
 from qkdnode.links import LinkPool
@@ -56,7 +57,9 @@ class Node:
         self.streams = Streams(self)  # ETSI 004 key streams (both ends), served if [etsi004] is configured
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []
-        self.telemetry = Telemetry(self.metrics, self.pools)
+        self.devices = Devices(cfg, self.metrics)  # switches, spectrum analysers, telemetry sources
+        self.telemetry = Telemetry(self.metrics, self.pools, sources={
+            link.id: src for link in cfg.links if (src := self.devices.telemetry_for(link.id)) is not None})
 
     def pool_to(self, node_id: str) -> LinkPool | None:
         link = self.cfg.link_to(node_id)
@@ -94,6 +97,7 @@ class Node:
         for pool in self.pools.values():
             await pool.start()
         self.router.start()
+        self.devices.start()
         if self.cfg.vault.audit_retention_days:
             self._tasks.append(asyncio.create_task(self._audit_retention(), name="audit retention"))
         self._start_telemetry()
@@ -151,6 +155,7 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.router.stop()
+        await self.devices.stop()
         for pool in self.pools.values():
             await pool.stop()
         for peer in self.peers.values():

@@ -7,10 +7,59 @@ Drawing needs matplotlib (the `plot` extra: `pip install 'qkdnode[plot]'`); the 
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from qkdnode.interfaces import Trace, WdmChannel, itu_frequency_thz, nm_to_thz, quantum_band_power
+from qkdnode.config import NodeConfig
+from qkdnode.errors import DriverError
+from qkdnode.interfaces import Trace, WdmChannel, itu_frequency_thz, load_driver, nm_to_thz, quantum_band_power
+
+log = logging.getLogger("qkdnode.spectrum")
+
+SAVED_MAX_AGE = 300.0  # seconds: an older sweep saved by the daemon is not drawn (the daemon is not polling)
+
+
+async def spectrum_png(cfg: NodeConfig, *, osa: str | None, out: Path, sweep: bool = False) -> int:
+    """`qkdnode spectrum`: the running daemon's latest sweep (devices.py saves it), or a sweep
+    through the instrument itself when there is none or `sweep` is asked (the daemon may hold the
+    instrument's only remote session: then stop it first). Prints one line per quantum channel."""
+    osas = [(i, d) for i, d in enumerate(cfg.devices) if d.kind == "osa"]
+    chosen = [(i, d) for i, d in osas if osa in (None, d.id)]
+    if len(chosen) != 1:
+        names = ", ".join(d.id for _, d in osas) or "none"
+        log.error("%s: %s (spectrum analysers of node %s: %s)", cfg.file,
+                  f"no spectrum analyser {osa!r}" if osa else "name one with --osa", cfg.node_id, names)
+        return 2
+    i, dev = chosen[0]
+    saved = cfg.vault.path.parent / "spectrum" / f"{dev.id}.json"
+    trace = channels = None
+    if not sweep and saved.exists() and time.time() - saved.stat().st_mtime < SAVED_MAX_AGE:
+        doc = json.loads(saved.read_text())
+        trace = Trace(tuple(doc["trace"]["wavelengths_nm"]), tuple(doc["trace"]["powers_dbm"]))
+        channels = [WdmChannel(**c) for c in doc["channels"]]
+        source = f"the daemon's sweep of {time.strftime('%H:%M:%S', time.localtime(saved.stat().st_mtime))}"
+    else:
+        driver = load_driver(dev.driver, dev.settings, file=cfg.file, key=f"devices[{i}].driver")
+        try:
+            await driver.connect()
+            trace = await driver.sweep(*dev.sweep_nm)
+            channels = await driver.channels()
+        except DriverError as exc:
+            log.error("spectrum analyser %s: %s", dev.id, exc)
+            return 1
+        finally:
+            await driver.close()
+        source = "a sweep just now"
+    quantum = draw(trace, channels, dev.quantum_channels, out, alarm_dbm=dev.quantum_alarm_dbm,
+                   title=f"node {cfg.node_id}, {dev.id}: {source}")
+    print(f"{out}: {len(channels)} DWDM channel(s) from {source}")
+    for ch, power in sorted(quantum.items()):
+        verdict = "ALARM: classical light" if power > dev.quantum_alarm_dbm else "dark"
+        print(f"quantum channel {ch}: {power:.1f} dBm in band (alarm above {dev.quantum_alarm_dbm:g} dBm): {verdict}")
+    return 0
 
 
 def draw(trace: Trace, channels: Iterable[WdmChannel], quantum_channels: Iterable[int], out: Path, *,

@@ -97,8 +97,11 @@ def certificate_expiries(cfg: NodeConfig) -> dict[str, float]:
 
 
 class Telemetry:
-    def __init__(self, metrics: NodeMetrics, pools: dict[str, "LinkPool"], interval: float = TELEMETRY_INTERVAL):
+    def __init__(self, metrics: NodeMetrics, pools: dict[str, "LinkPool"], interval: float = TELEMETRY_INTERVAL,
+                 sources: dict[str, TelemetrySource] | None = None):
         self.metrics, self.pools, self.interval = metrics, pools, interval
+        # Links whose figures come from another device than their key source ([[devices]] kind telemetry).
+        self.sources = sources or {}
         self._drain = {link: TimeToEmpty() for link in pools}
         self._failing: set[str] = set()
 
@@ -124,8 +127,13 @@ class Telemetry:
         ready = m.registry.get_sample_value("qkdnode_pool_ready_bits", {"link": link})
         if ready is not None:
             m.pool_time_to_empty.labels(link).set(self._drain[link].add(time.monotonic(), ready))
-        if isinstance(source, TelemetrySource):
-            m.set_link_telemetry(link, await self._figures(link, pool) if pool.device_ok else None)
+        if link in self.sources:
+            src = self.sources[link]
+            m.set_link_telemetry(link, await self._figures(link, src))
+            h = getattr(src, "health", None)
+            m.set_device_health(f"{link}:telemetry", "telemetry", h.state if isinstance(h, DeviceHealth) else "unknown")
+        elif isinstance(source, TelemetrySource):
+            m.set_link_telemetry(link, await self._figures(link, source) if pool.device_ok else None)
         health = getattr(source, "health", None)
         if isinstance(health, DeviceHealth):
             state = health.state
@@ -133,9 +141,9 @@ class Telemetry:
             state = "up" if pool.device_ok else "unknown"
         m.set_device_health(link, pool.cfg.driver, state)
 
-    async def _figures(self, link: str, pool: "LinkPool"):
+    async def _figures(self, link: str, source: TelemetrySource):
         try:
-            figures = await asyncio.wait_for(pool.source.telemetry(), TELEMETRY_TIMEOUT)
+            figures = await asyncio.wait_for(source.telemetry(), TELEMETRY_TIMEOUT)
         except (DriverError, asyncio.TimeoutError) as exc:
             if link not in self._failing:  # once per outage, not once per round
                 self._failing.add(link)

@@ -342,7 +342,7 @@ def test_check_config_accepts_a_valid_file(tmp_path, cli):
     path = write(tmp_path, BASE)
     code, out, err = cli("check-config", "--no-files", "--config", str(path))
     assert code == 0
-    assert out.strip() == f"{path}: node A, 1 link(s), 2 SAE(s): OK"
+    assert out.strip() == f"{path}: node A, 1 link(s), 0 device(s), 2 SAE(s): OK"
     assert err == ""
 
 

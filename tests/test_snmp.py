@@ -702,9 +702,9 @@ async def test_wrong_v3_credentials_fail_the_poll_clearly(qkd, source, wrong, me
 def test_the_toml_examples_in_the_protocol_doc_are_valid_settings():
     doc = (Path(__file__).parent.parent / "docs" / "protocols" / "snmp.md").read_text()
     blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", doc, re.S)]
-    switches = [(b["switches"][0] if isinstance(b["switches"], list) else b["switches"])["settings"]
-                for b in blocks if "switches" in b]
-    links = [b["links"]["telemetry"]["settings"] for b in blocks if "links" in b]
+    devices = [d for b in blocks for d in (b["devices"] if isinstance(b["devices"], list) else [b["devices"]])]
+    switches = [d["settings"] for d in devices if d.get("driver", "polatis-snmp") == "polatis-snmp"]
+    links = [d["settings"] for d in devices if d.get("driver") == "idq-snmp"]
     assert len(switches) == 2 and len(links) == 1
     for settings in switches:
         PolatisSnmpSwitch.check_settings(settings, file="snmp.md", key="switches.settings")
