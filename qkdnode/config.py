@@ -40,6 +40,7 @@ class VaultConfig:
     master_key_file: Path | None
     master_key_credential: str | None
     audit_retention_days: float = 365.0  # 0 keeps the audit forever
+    key_ttl_hours: float = 168.0         # keys no slave fetched are deleted after this; 0 keeps them
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         master_key_file=vault_t.path("master_key_file", None),
         master_key_credential=vault_t.string("master_key_credential", None),
         audit_retention_days=vault_t.number("audit_retention_days", 0, 100 * 365, 365.0),
+        key_ttl_hours=vault_t.number("key_ttl_hours", 0, 100 * 365 * 24, 168.0),
     )
     if vault.master_key_credential is not None and not _is_ident(vault.master_key_credential):
         raise vault_t.error("master_key_credential", "the name of a systemd credential (no '/')",

@@ -41,6 +41,9 @@ class NodeMetrics:
         self.driver_up = Gauge("qkdnode_driver_up", "1 if the link's device answered its last call", ["link"],
                                registry=r)
         self.peer_up = Gauge("qkdnode_peer_up", "1 if the peer node answered its last call", ["peer"], registry=r)
+        self.keys_expired = Counter("qkdnode_vault_keys_expired_total",
+                                    "Keys stored for slave SAEs and deleted unfetched after vault.key_ttl_hours",
+                                    registry=r)
         self.audit_pruned = Counter("qkdnode_vault_audit_pruned_total", "Audit records dropped by retention",
                                     registry=r)
         self.relay_link_bits = Counter("qkdnode_relay_link_bits_total",

@@ -98,8 +98,7 @@ class Node:
             await pool.start()
         self.router.start()
         self.devices.start()
-        if self.cfg.vault.audit_retention_days:
-            self._tasks.append(asyncio.create_task(self._audit_retention(), name="audit retention"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="vault housekeeping"))
         self._start_telemetry()
         log.info("node %s up: ETSI 014 on https://%s, peer channel on https://%s, %d link(s)",
                  self.cfg.node_id, self.cfg.api, self.cfg.peer_listen, len(self.pools))
@@ -136,15 +135,24 @@ class Node:
         app.router.add_get("/metrics", metrics)
         return app
 
-    async def _audit_retention(self) -> None:
+    async def _housekeeping(self, period: float = 600.0) -> None:
+        """Every `period` seconds: delete keys no slave fetched within `vault.key_ttl_hours`, and
+        audit records older than `vault.audit_retention_days` (0 turns either off; read each round,
+        so a reload applies at once)."""
         while True:
-            cutoff = time.time() - self.cfg.vault.audit_retention_days * 86400
+            v = self.cfg.vault
             try:
-                pruned = await self.vault.run(self.vault.prune_audit, cutoff)
-                self.metrics.audit_pruned.inc(pruned)
+                if v.key_ttl_hours:
+                    expired = await self.vault.run(self.vault.expire_keys, time.time() - v.key_ttl_hours * 3600)
+                    if expired:
+                        self.metrics.keys_expired.inc(expired)
+                        log.info("vault: %d key(s) no slave SAE fetched within %g h deleted", expired, v.key_ttl_hours)
+                if v.audit_retention_days:
+                    pruned = await self.vault.run(self.vault.prune_audit, time.time() - v.audit_retention_days * 86400)
+                    self.metrics.audit_pruned.inc(pruned)
             except QkdnodeError as exc:
-                log.warning("audit retention: %s", exc)
-            await asyncio.sleep(3600)
+                log.warning("vault housekeeping: %s", exc)
+            await asyncio.sleep(period)
 
     async def stop(self) -> None:
         # First stop taking requests (answers in flight finish), then the background loops.

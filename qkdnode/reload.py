@@ -10,7 +10,7 @@ What may change while running, and takes effect at once:
 - per link: `pool_target_bits` and `fetch_interval`.
 - `[saes]`: SAEs added to the registry. (Removing or moving an SAE could strand keys waiting
   for it: that is a restart.)
-- `vault.audit_retention_days`, while it stays above 0.
+- `vault.audit_retention_days`, while it stays above 0, and `vault.key_ttl_hours`.
 - `[routes]`: static relay paths, used from the next request on.
 
 Everything else is structural: node_id, the listen addresses, peers, links added or removed, a
@@ -66,7 +66,7 @@ def compare(old: NodeConfig, new: NodeConfig) -> tuple[list[str], list[str]]:
                 va, vb = getattr(a, k.name), getattr(b, k.name)
                 if va != vb:
                     both_on = k.name == "audit_retention_days" and va > 0 and vb > 0
-                    (live if both_on else structural).append(f"vault.{k.name}")
+                    (live if both_on or k.name == "key_ttl_hours" else structural).append(f"vault.{k.name}")
         elif f.name == "saes":
             live += [f"saes.{s}" for s in sorted(set(b) - set(a))]
             structural += [f"saes.{s}" for s in sorted(a) if b.get(s) != a[s]]

@@ -768,6 +768,17 @@ class Vault:
         for values in cur:
             yield dict(zip(cols, values))
 
+    def expire_keys(self, older_than: float) -> int:
+        """Delete keys stored for slave SAEs before a time stamp that not every slave fetched
+        (a stream closed early, a relay attempt whose answer was lost, an SAE that went away).
+        Their bits go (secure_delete); the audit says `key_expired`. Returns how many."""
+        rows = self._conn.execute("SELECT key_id, link, size_bits, pending FROM keys WHERE created < ?",
+                                  (older_than,)).fetchall()
+        for key_id, link, size_bits, pending in rows:
+            self._conn.execute("DELETE FROM keys WHERE key_id=?", (key_id,))
+            self._audit("key_expired", key_id, None, link, size_bits, f"never fetched by {pending}")
+        return len(rows)
+
     def prune_audit(self, older_than: float) -> int:
         """Drop audit records older than a time stamp (retention), keeping those of keys still
         waiting or still in the outbox: they prove a repeated message was seen."""

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import time
 import sqlite3
 import uuid
 
@@ -98,6 +99,21 @@ async def test_deliver_is_once_per_slave_and_all_or_nothing(vault):
         await vault.run(vault.deliver, "sae-b", "sae-a", ids[:1])
     assert len(await vault.run(vault.deliver, "sae-c", "sae-a", ids)) == 2
     assert (await vault.run(vault.counts))["keys_waiting"] == 0
+
+
+async def test_keys_no_slave_fetched_expire_and_their_bits_go(vault, tmp_path):
+    await fill(vault, 4)
+    old = [h.key_ID for h in await vault.run(vault.carve, LINK, new_ids(2), 32, "sae-a", ["sae-b"], True)]
+    cutoff = time.time()
+    await asyncio.sleep(0.01)
+    new = [h.key_ID for h in await vault.run(vault.carve, LINK, new_ids(1), 32, "sae-a", ["sae-b"], True)]
+    await vault.run(vault.deliver, "sae-b", "sae-a", old[:1])  # fetched: consumed, nothing left to expire
+    assert await vault.run(vault.expire_keys, cutoff) == 1
+    with pytest.raises(UnknownKey):
+        await vault.run(vault.deliver, "sae-b", "sae-a", old[1:])
+    assert len(await vault.run(vault.deliver, "sae-b", "sae-a", new)) == 1  # younger keys stay
+    events = [r[0] for r in vault._conn.execute("SELECT event FROM audit WHERE key_id=?", (old[1],))]
+    assert events[-1] == "key_expired"
 
 
 def _db(tmp_path):
