@@ -169,8 +169,8 @@ class Router:
                 ready = min(link["ready_bits"], back["ready_bits"])
                 if ready < need_bits:
                     continue
-                g.setdefault(x, {})[y] = link_cost(ready, min(link["rate_bps"], back["rate_bps"]) or
-                                                   max(link["rate_bps"], back["rate_bps"]))
+                # Both ends measure the agreed key; one that has not seen any yet reports 0.
+                g.setdefault(x, {})[y] = link_cost(ready, max(link["rate_bps"], back["rate_bps"]))
         return g
 
     def route(self, dest: str, need_bits: int, exclude: set[tuple[str, str]] = frozenset()) -> list[str] | None:
