@@ -479,7 +479,10 @@ async def run_demo(workdir: Path, duration: float | None, rate_bps: float, topol
         master = next(s for s, n in tb.SAES.items() if n == first)
         slave = next(s for s, n in tb.SAES.items() if n == far)
         a, b = m["saes"][master], m["saes"][slave]
-        links = ", ".join(f"{l.id} ({'+'.join(l.devices)})" for l in topo.links)
+        links = ", ".join(f"{l.id} ({'+'.join(l.devices)}{f', through the switch of node {l.switch}' if l.switch else ''})"
+                          for l in topo.links)
+        optics = "".join(f"\nNode {n}'s spectrum analyser: qkdnode spectrum --node {n} --workdir {tb.dir} --out spectrum-{n}.png"
+                         for n in sorted(topo.osa))
         print(f"manifest: {tb.manifest_path}", flush=True)
         print(f"""
 Nodes {', '.join(names)} run on loopback; links: {links}. Logs: {tb.dir}/NODE/node.log
@@ -491,7 +494,7 @@ Fetch a key for {slave} from node {first} as {master}, then the same key from no
   curl --cacert {m['ca']} --cert {b['cert']} --key {b['key']} \\
        '{m['nodes'][far]['etsi014']}/api/v1/keys/{master}/dec_keys?key_ID=KEY_ID_FROM_THE_FIRST_ANSWER'
 
-Metrics: {'  '.join(n['metrics'] for n in m['nodes'].values())}
+Metrics: {'  '.join(n['metrics'] for n in m['nodes'].values())}{optics}
 {'Stopping after %g s.' % duration if duration else 'Ctrl-C stops the network.'}
 """, flush=True)
         try:
