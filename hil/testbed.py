@@ -516,7 +516,10 @@ settings = {_toml_inline({"resource": self.osas[name].resource})}
         proc = self.nodes[name].proc
         if proc and proc.poll() is None:
             proc.send_signal(sig)
-            proc.wait(timeout=30)
+            # This wait blocks the loop the emulated devices run on: a node stopping cleanly while
+            # one of its calls to them is in flight waits for that call to time out, and its
+            # listeners for handlers in flight (aiohttp gives them up to 60 s).
+            proc.wait(timeout=90)
 
     async def restart(self, name: str) -> None:
         self.spawn(name)
