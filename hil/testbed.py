@@ -6,7 +6,11 @@ described by WORKDIR/testbed.json.
 The manifest is a contract with tools outside the project; its shape is:
   {"ca": PATH, "nodes": {NAME: {"etsi014": URL, "peer": URL, "metrics": URL|null, "sdn": URL|null,
    "etsi004": URL|null, "skip": URL|null, "pid": INT}},
-   "saes": {SAE_ID: {"node": NAME, "cert": PATH, "key": PATH}}}
+   "saes": {SAE_ID: {"node": NAME, "cert": PATH, "key": PATH}},
+   "controller": {"cert": PATH, "key": PATH}}
+"sdn" is the base URL of the node's SDN agent: its ETSI GS QKD 015 model is at
+SDN_URL/restconf/data/etsi-qkd-sdn-node:qkd_node, for the client certificate in "controller"
+(commonName `sdn-controller`) only (docs/sdn.md).
 It is written (atomically) only once every node answers, and again when a node is restarted.
 """
 
@@ -45,12 +49,19 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+_HANDED_OUT: set[int] = set()  # ports this process gave out: never twice, though nothing is bound to them yet
+
+
 def free_port(host: str = HOST) -> int:
     """A free port below the kernel's ephemeral range: a port picked now and bound later by a
-    node process cannot be taken meanwhile by some socket the kernel numbers itself."""
+    node process cannot be taken meanwhile by some socket the kernel numbers itself, nor handed
+    to another node of this process (it has not bound it yet either)."""
     lo, _ = _ephemeral_range()
     for _ in range(200):
         port = random.randrange(10000, lo)
+        if port in _HANDED_OUT:
+            continue
+        _HANDED_OUT.add(port)
         with socket.socket() as s:
             try:
                 s.bind((host, port))
@@ -84,6 +95,11 @@ class NodeProc:
     etsi004_port: int
     skip_port: int
     proc: subprocess.Popen | None = None
+    sdn_port: int = 0
+
+    @property
+    def sdn(self) -> str:
+        return f"https://{HOST}:{self.sdn_port}"
 
     @property
     def etsi014(self) -> str:
@@ -104,11 +120,26 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class SpareSpec:
+    """A spare CV-QKD module pair for switched links on demand (docs/sdn.md): the transmitter at
+    one node and the receiver at another, each attached to its node's optical switch, and a dark
+    fibre of `fibre_loss_db` between the two switches. No link until the SDN controller asks."""
+
+    id: str
+    transmitter: str
+    receiver: str
+    fibre_loss_db: float = 7.0
+    max_loss_db: float = 23.0   # the channel loss the modules make key through (HWDU CV-QKD: 23 dB)
+
+
+@dataclass(frozen=True)
 class Topology:
     nodes: dict[str, tuple[str, ...]]          # node -> its SAE IDs
     links: tuple[LinkSpec, ...]
     routes: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)  # node -> dest -> path
     osa: frozenset[str] = frozenset()          # nodes with an optical spectrum analyser on the quantum fibre
+    spares: tuple[SpareSpec, ...] = ()         # spare CV-QKD pairs the SDN agent can switch into links
+    sdn_channels: tuple[int, ...] = (34, 37, 38)  # DWDM channels for quantum links (the Madrid co-located domain's)
 
     @property
     def saes(self) -> dict[str, str]:
@@ -116,6 +147,18 @@ class Topology:
 
     def neighbours(self, name: str) -> list[str]:
         return [l.slave if l.master == name else l.master for l in self.links if name in (l.master, l.slave)]
+
+    def peers(self, name: str) -> list[str]:
+        """The nodes `name` talks to: its neighbours, and the far ends of its spare pairs (a
+        switched link needs the peer channel before it exists)."""
+        far = [s.receiver if s.transmitter == name else s.transmitter for s in self.spares
+               if name in (s.transmitter, s.receiver)]
+        return list(dict.fromkeys(self.neighbours(name) + far))
+
+    @property
+    def switch_nodes(self) -> list[str]:
+        return sorted({l.switch for l in self.links if l.switch} |
+                      {n for s in self.spares for n in (s.transmitter, s.receiver)})
 
 
 DEVICES = ("idq", "toshiba", "cv")
@@ -134,15 +177,23 @@ def load_topology(path: Path) -> Topology:
                       for l in data["links"])
         routes = {n: {d: tuple(p) for d, p in r.items()} for n, r in data.get("routes", {}).items()}
         osa = frozenset(name for name, t in data["nodes"].items() if t.get("osa") is True)
-    except (KeyError, TypeError, AttributeError) as exc:
+        spares = tuple(SpareSpec(s["id"], s["transmitter"], s["receiver"], float(s.get("fibre_loss_db", 7.0)),
+                                 float(s.get("max_loss_db", 23.0))) for s in data.get("spares", ()))
+        channels = tuple(data.get("sdn", {}).get("channels", (34, 37, 38)))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise RuntimeError(f"{path}: not a topology file ({exc!r})") from None
+    for spare in spares:
+        if spare.transmitter not in nodes or spare.receiver not in nodes or spare.transmitter == spare.receiver:
+            raise RuntimeError(f"{path}: spare {spare.id}: transmitter and receiver must be two listed nodes")
+    if not channels or not all(isinstance(c, int) and 17 <= c <= 61 for c in channels):
+        raise RuntimeError(f"{path}: sdn.channels: ITU channel numbers from 17 to 61")
     for link in links:
         if link.master not in nodes or link.slave not in nodes or not link.devices or \
                 len(link.devices) > 2 or any(d not in DEVICES for d in link.devices):
             raise RuntimeError(f"{path}: link {link.id}: nodes must be listed and devices one or two of {DEVICES}")
         if link.switch is not None and (link.switch not in (link.master, link.slave) or link.devices != ("cv",)):
             raise RuntimeError(f"{path}: link {link.id}: a switched link is a CV link through a switch at one end")
-    return Topology(nodes, links, routes, osa)
+    return Topology(nodes, links, routes, osa, spares, channels)
 
 
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "config" / "demo-topology.toml"
@@ -167,6 +218,8 @@ class Testbed:
         self.devices: dict[str, list] = {}     # link id -> its emulated device pairs (KmePair or CvLink)
         self.sae_creds: dict[str, Credential] = {}
         self.node_creds: dict[str, Credential] = {}
+        self.controller_cred: Credential | None = None   # the identity every node's SDN agent accepts
+        self.spares: dict[str, object] = {}               # spare pair id -> its emulated CvLink
         self.manifest_path = self.dir / "testbed.json"
 
     @property
@@ -190,11 +243,15 @@ class Testbed:
         await self._start_optics()
         for link in self.topology.links:
             self.devices[link.id] = [await self._start_device(link, i, kind) for i, kind in enumerate(link.devices)]
+        for spare in self.topology.spares:
+            self.spares[spare.id] = await self._start_spare(spare)
         for sae in self.SAES:
             self.sae_creds[sae] = self.pki.issue(sae, sae)
+        self.controller_cred = self.pki.issue("sdn-controller", self.CONTROLLER, client=True)
         for name in self.topology.nodes:
             self.nodes[name] = NodeProc(name, self.dir / name / "node.toml", self.dir / name / "node.log",
-                                        free_port(), free_port(), free_port(), free_port(), free_port())
+                                        free_port(), free_port(), free_port(), free_port(), free_port(),
+                                        sdn_port=free_port())
         for name in self.nodes:
             self._write_node(name)
         for name in self.nodes:
@@ -204,20 +261,51 @@ class Testbed:
 
     # Switched CV links: at their switch node, ingress port 2k+1 takes the fibre from the far end
     # and egress port 2k+17 goes to the CV module; ports 2 and 18 carry a classical channel.
+    # Spare pairs take the next slots: at the transmitter's switch the module on ingress 2k+1 and
+    # the fibre on egress 2k+17, at the receiver's the fibre on ingress 2k+1 and the module on egress 2k+17.
     CLASSICAL_PORTS = (2, 18)
+    CONTROLLER = "sdn-controller"
+    INSERTION_LOSS_DB = 1.0         # one pass through an emulated switch (PolatisModel's default)
+
+    def _slots(self, node: str) -> list:
+        return [l for l in self.topology.links if l.switch == node] + \
+               [s for s in self.topology.spares if node in (s.transmitter, s.receiver)]
 
     def _switch_ports(self, link: LinkSpec) -> tuple[int, int]:
-        switched = [l for l in self.topology.links if l.switch == link.switch]
-        k = switched.index(link)
+        k = self._slots(link.switch).index(link)
         return 2 * k + 1, 2 * k + 17  # odd ports: never the classical ones
+
+    def spare_ports(self, spare: SpareSpec, node: str) -> dict[str, int]:
+        """The ports of a spare pair's end at `node`: where its module and its fibre are attached,
+        and the cross-connect a switched link needs there."""
+        k = self._slots(node).index(spare)
+        ingress, egress = 2 * k + 1, 2 * k + 17
+        if node == spare.transmitter:
+            return {"module": ingress, "fibre": egress, "ingress": ingress, "egress": egress}
+        return {"module": egress, "fibre": ingress, "ingress": ingress, "egress": egress}
+
+    async def _start_spare(self, spare: SpareSpec):
+        """The spare pair's modules; their light reaches each other only through both switches."""
+        from hil.cvqkd import CvLink
+        tx_sw, rx_sw = self.switches[spare.transmitter], self.switches[spare.receiver]
+        tx, rx = self.spare_ports(spare, spare.transmitter), self.spare_ports(spare, spare.receiver)
+
+        def fibre() -> bool:
+            return tx_sw.model.map.get(tx["ingress"]) == tx["egress"] and \
+                rx_sw.model.map.get(rx["ingress"]) == rx["egress"]
+
+        cv = CvLink(self.dir / "cv" / f"spare-{spare.id}",
+                    channel_loss_db=spare.fibre_loss_db + 2 * self.INSERTION_LOSS_DB,
+                    tune_seconds=2.0, time_scale=self.cv_time_scale, name="cv", fibre=fibre)
+        return await cv.start()
 
     async def _start_optics(self) -> None:
         from hil.osa import Aq6370Emulator
         from hil.switch import PolatisEmulator
         self.switches: dict[str, PolatisEmulator] = {}
         self.osas: dict[str, Aq6370Emulator] = {}
-        for node in sorted({l.switch for l in self.topology.links if l.switch}):
-            sw = PolatisEmulator(ingress=16, egress=16, serial=f"EMU-{node}")
+        for node in self.topology.switch_nodes:
+            sw = PolatisEmulator(ingress=16, egress=16, serial=f"EMU-{node}", insertion_loss_db=self.INSERTION_LOSS_DB)
             await sw.start(HOST)
             sw.model.map[self.CLASSICAL_PORTS[0]] = self.CLASSICAL_PORTS[1]  # live classical traffic
             self.switches[node] = sw
@@ -290,6 +378,13 @@ listen = "{HOST}:{n.etsi004_port}"
 [skip]
 listen = "{HOST}:{n.skip_port}"
 
+[sdn]
+listen = "{HOST}:{n.sdn_port}"
+controller = "{self.CONTROLLER}"
+channels = {json.dumps(list(self.topology.sdn_channels))}
+pool_target_bits = {self.pool_target_bits}
+fetch_interval = 0.2
+{self._fibres_config(name)}
 [tls]
 ca = "{self.pki.ca}"
 cert = "{node_cred.cert}"
@@ -306,7 +401,7 @@ max_key_size = 8192
 max_key_per_request = 128
 max_SAE_ID_count = 4
 """]
-        for other in self.topology.neighbours(name):
+        for other in self.topology.peers(name):
             o = self.nodes[other]
             text.append(f"""
 [peers.{other}]
@@ -337,6 +432,26 @@ settings = {_toml_inline(driver['settings'])}
                                                     for dest, path in routes.items()) + "\n")
         n.config.write_text("".join(text))
 
+    def _fibres_config(self, name: str) -> str:
+        out = []
+        for spare in self.topology.spares:
+            if name not in (spare.transmitter, spare.receiver):
+                continue
+            other = spare.receiver if name == spare.transmitter else spare.transmitter
+            out.append(f"""
+[[sdn.fibres]]
+switch = "sw-{name}"
+port = {self.spare_ports(spare, name)["fibre"]}
+node = "{other}"
+remote_port = {self.spare_ports(spare, other)["fibre"]}
+loss_db = {spare.fibre_loss_db!r}
+""")
+        return "".join(out)
+
+    @staticmethod
+    def spare_module_id(spare: SpareSpec, node: str) -> str:
+        return f"cv-{spare.id.lower()}-{'tx' if node == spare.transmitter else 'rx'}"
+
     def _optics_config(self, name: str) -> str:
         out = []
         if name in self.switches:
@@ -348,7 +463,26 @@ id = "sw-{name}"
 kind = "switch"
 driver = "polatis-scpi"
 poll_interval = 1.0
+insertion_loss_db = {self.INSERTION_LOSS_DB!r}
 cross_connects = {_toml_inline(pairs)}
+settings = {_toml_inline(settings)}
+""")
+        for spare in self.topology.spares:
+            if name not in (spare.transmitter, spare.receiver):
+                continue
+            tx = name == spare.transmitter
+            m = self.spares[spare.id].tx if tx else self.spares[spare.id].rx
+            settings = {"port": str(m.port), "role": "transmitter" if tx else "receiver", "autostart": False,
+                        "poll_interval": 1.0}
+            out.append(f"""
+[[devices]]
+id = "{self.spare_module_id(spare, name)}"
+kind = "cvqkd"
+driver = "cvqkd-serial"
+poll_interval = 1.0
+switch = "sw-{name}"
+switch_port = {self.spare_ports(spare, name)["module"]}
+max_loss_db = {spare.max_loss_db!r}
 settings = {_toml_inline(settings)}
 """)
         if name in self.osas:
@@ -382,7 +516,10 @@ settings = {_toml_inline({"resource": self.osas[name].resource})}
         proc = self.nodes[name].proc
         if proc and proc.poll() is None:
             proc.send_signal(sig)
-            proc.wait(timeout=30)
+            # This wait blocks the loop the emulated devices run on: a node stopping cleanly while
+            # one of its calls to them is in flight waits for that call to time out, and its
+            # listeners for handlers in flight (aiohttp gives them up to 60 s).
+            proc.wait(timeout=90)
 
     async def restart(self, name: str) -> None:
         self.spawn(name)
@@ -393,7 +530,7 @@ settings = {_toml_inline({"resource": self.osas[name].resource})}
         """Until the node answers an SAE's ETSI 014 status call with 200."""
         n = self.nodes[name]
         sae = next(s for s, node in self.SAES.items() if node == name)
-        neighbours = self.topology.neighbours(name)
+        neighbours = self.topology.peers(name)
         peer_sae = next(s for s, node in self.SAES.items() if node in neighbours)
         ctx = self.sae_ssl(sae)
         deadline = time.monotonic() + timeout
@@ -423,11 +560,12 @@ settings = {_toml_inline({"resource": self.osas[name].resource})}
         return {
             "ca": str(self.pki.ca),
             "nodes": {name: {"etsi014": n.etsi014, "peer": f"https://{HOST}:{n.peer_port}",
-                             "metrics": f"http://{HOST}:{n.metrics_port}/metrics", "sdn": None,
+                             "metrics": f"http://{HOST}:{n.metrics_port}/metrics", "sdn": n.sdn,
                              "etsi004": f"https://{HOST}:{n.etsi004_port}", "skip": f"https://{HOST}:{n.skip_port}",
                              "pid": n.proc.pid} for name, n in self.nodes.items()},
             "saes": {sae: {"node": node, "cert": str(self.sae_creds[sae].cert), "key": str(self.sae_creds[sae].key)}
                      for sae, node in self.SAES.items()},
+            "controller": {"cert": str(self.controller_cred.cert), "key": str(self.controller_cred.key)},
         }
 
     def write_manifest(self) -> None:
@@ -436,11 +574,23 @@ settings = {_toml_inline({"resource": self.osas[name].resource})}
         tmp.replace(self.manifest_path)
 
     async def stop(self) -> None:
-        for name in self.nodes:
-            self.kill(name, signal.SIGTERM)
+        # Every node at once, and waited for without blocking the event loop: the emulated devices
+        # run on this loop, and a node finishing a call to one of them must get its answer.
+        running = [n.proc for n in self.nodes.values() if n.proc and n.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while any(proc.poll() is None for proc in running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for proc in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
         for devices in self.devices.values():
             for dev in devices:
                 await dev.stop()
+        for cv in self.spares.values():
+            await cv.stop()
         for optic in [*getattr(self, "switches", {}).values(), *getattr(self, "osas", {}).values()]:
             await optic.stop()
 
@@ -495,6 +645,7 @@ Fetch a key for {slave} from node {first} as {master}, then the same key from no
        '{m['nodes'][far]['etsi014']}/api/v1/keys/{master}/dec_keys?key_ID=KEY_ID_FROM_THE_FIRST_ANSWER'
 
 Metrics: {'  '.join(n['metrics'] for n in m['nodes'].values())}{optics}
+{_sdn_hint(topo, tb.manifest_path)}
 {'Stopping after %g s.' % duration if duration else 'Ctrl-C stops the network.'}
 """, flush=True)
         try:
@@ -507,6 +658,15 @@ Metrics: {'  '.join(n['metrics'] for n in m['nodes'].values())}{optics}
         return 1
     finally:
         await tb.stop()
+
+
+def _sdn_hint(topo: Topology, manifest: Path) -> str:
+    if not topo.spares:
+        return ""
+    s = topo.spares[0]
+    return (f"\nNodes {s.transmitter} and {s.receiver} share a spare CV-QKD pair: as the SDN controller, make a direct "
+            f"link between them\n(and `unlink NODE QKDL_ID` again):\n\n  {sys.executable} -m hil.controller "
+            f"--manifest {manifest} link {s.transmitter} {s.receiver} --wait\n")
 
 
 def _hops(topo: Topology, a: str, b: str) -> int:

@@ -76,7 +76,8 @@ class LinkConfig:
         return self.role == "master"
 
 
-DEVICE_KINDS = ("switch", "osa", "telemetry")
+DEVICE_KINDS = ("switch", "osa", "telemetry", "cvqkd")
+CV_ROLES = ("transmitter", "receiver")
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,10 @@ class DeviceConfig:
     device comes back; other cross-connects are left alone). osa: swept every `poll_interval`
     over `sweep_nm`; `quantum_channels` are ITU channels that must stay dark of classical light
     (`quantum_alarm_dbm`). telemetry: figures of link `link` (QBER, key rate) from another
-    device than its key source (SNMP for the IDQ profile)."""
+    device than its key source (SNMP for the IDQ profile). cvqkd: a spare CV-QKD module, idle until
+    the SDN agent makes a switched link with it (docs/sdn.md); its fibre is attached to port
+    `switch_port` of switch `switch`, and `max_loss_db` is the channel loss it can make key through.
+    A switch's `insertion_loss_db` is what one pass through it costs (the SDN agent's loss budget)."""
 
     id: str
     kind: str
@@ -99,6 +103,39 @@ class DeviceConfig:
     quantum_alarm_dbm: float = -50.0
     sweep_nm: tuple[float, float] = (1528.0, 1568.0)
     link: str | None = None
+    insertion_loss_db: float = 1.0
+    switch: str | None = None
+    switch_port: int | None = None
+    max_loss_db: float = 23.0
+
+    @property
+    def role(self) -> str | None:
+        """A CV-QKD module's role, as its driver settings say."""
+        return self.settings.get("role") if self.kind == "cvqkd" else None
+
+
+@dataclass(frozen=True)
+class FibreConfig:
+    """A dark fibre from a port of this node's switch to a port of another node's switch."""
+
+    switch: str
+    port: int
+    node: str
+    remote_port: int
+    loss_db: float
+
+
+@dataclass(frozen=True)
+class SdnConfig:
+    """The SDN agent (docs/sdn.md): the ETSI GS QKD 015 node model for the controller whose
+    certificate commonName is `controller`, and switched CV-QKD links on its request."""
+
+    listen: Listen
+    controller: str
+    channels: tuple[int, ...] = (34, 37, 38)   # DWDM channels switched quantum links may use
+    pool_target_bits: int = 1 << 20            # for the pools of switched links
+    fetch_interval: float = 1.0
+    fibres: tuple[FibreConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +155,7 @@ class NodeConfig:
     devices: tuple[DeviceConfig, ...] = ()
     etsi004: Listen | None = None  # ETSI GS QKD 004 key streams for SAEs (docs/apis.md); None: not served
     skip: Listen | None = None     # SKIP for routers (docs/apis.md); None: not served
+    sdn: SdnConfig | None = None   # the SDN agent (docs/sdn.md); None: not served
 
     def link_to(self, node_id: str) -> LinkConfig | None:
         for link in self.links:
@@ -356,6 +394,8 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         links.append(link)
 
     devices = _devices(file, top.get("devices", "an array of [[devices]] tables", list, []), links)
+    sdn = _sdn(top.table("sdn", None), devices, peers, node_id) if "sdn" in top.data else None
+    top.used.add("sdn")
 
     saes_t = top.table("saes", {})
     saes: dict[str, str] = {}
@@ -369,6 +409,10 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
             raise saes_t.error(sae_id, "an SAE ID that is not also a node ID", sae_id)
         saes[sae_id] = _ident(saes_t, sae_id)
     saes_t.finish()
+    if sdn is not None and (sdn.controller in saes or sdn.controller == node_id or sdn.controller in peers):
+        # The controller's identity is a commonName under the same CA: it must not be an SAE's or a node's.
+        raise ConfigError(file, "sdn.controller", "a certificate commonName that is no SAE's and no node's",
+                          sdn.controller)
 
     routes_t = top.table("routes", {})
     routes: dict[str, tuple[str, ...]] = {}
@@ -400,6 +444,7 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         etsi004=etsi004,
         skip=skip,
         devices=devices,
+        sdn=sdn,
     )
 
 
@@ -418,6 +463,7 @@ def _devices(file: Path, raw: list, links: list[LinkConfig]) -> tuple[DeviceConf
                 settings[k] = str((file.parent / v).resolve())
         kw: dict[str, Any] = {}
         if kind == "switch":
+            kw["insertion_loss_db"] = t.number("insertion_loss_db", 0, 30, 1.0)
             raw_map = t.get("cross_connects", 'a table of ingress = egress ports, e.g. { "1" = 17 }', dict, {})
             pairs: dict[int, int] = {}
             for k, v in raw_map.items():
@@ -438,6 +484,25 @@ def _devices(file: Path, raw: list, links: list[LinkConfig]) -> tuple[DeviceConf
                     and 1200 <= span[0] < span[1] <= 1700):
                 raise t.error("sweep_nm", "[start, stop] wavelengths in nm, 1200 <= start < stop <= 1700", span)
             kw["sweep_nm"] = (float(span[0]), float(span[1]))
+        elif kind == "cvqkd":
+            if settings.get("role") not in CV_ROLES:
+                raise t.error("settings", 'driver settings with role = "transmitter" or "receiver"',
+                              settings.get("role"), missing="role" not in settings)
+            sw = _ident(t, "switch")
+            switch = next((d for d in out if d.id == sw and d.kind == "switch"), None)
+            if switch is None:
+                raise t.error("switch", "the id of a [[devices]] switch listed before this module "
+                              f"({', '.join(d.id for d in out if d.kind == 'switch') or 'none listed'})", sw)
+            kw["switch"] = sw
+            kw["switch_port"] = t.integer("switch_port", 1, 100_000)
+            kw["max_loss_db"] = t.number("max_loss_db", 0, 100, 23.0)
+            classical = switch.settings.get("classical_ports", [])
+            if isinstance(classical, list) and kw["switch_port"] in classical:
+                raise t.error("switch_port", f"a port of {sw} that carries no classical traffic "
+                              f"(classical_ports {classical})", kw["switch_port"])
+            if kw["switch_port"] in _ports_in_use(out, sw):
+                raise t.error("switch_port", f"a port of {sw} no other module or cross-connect uses",
+                              kw["switch_port"])
         else:
             link = t.string("link")
             if not any(lk.id == link for lk in links):
@@ -450,3 +515,49 @@ def _devices(file: Path, raw: list, links: list[LinkConfig]) -> tuple[DeviceConf
         t.finish()
         out.append(dev)
     return tuple(out)
+
+
+def _ports_in_use(devices: list[DeviceConfig], switch: str) -> set[int]:
+    """Ports of a switch already taken by its configured cross-connects or by spare modules."""
+    used: set[int] = set()
+    for d in devices:
+        if d.id == switch:
+            used |= set(d.cross_connects) | set(d.cross_connects.values())
+        elif d.kind == "cvqkd" and d.switch == switch and d.switch_port is not None:
+            used.add(d.switch_port)
+    return used
+
+
+def _sdn(t: _Table, devices: tuple[DeviceConfig, ...], peers: dict[str, PeerConfig], node_id: str) -> SdnConfig:
+    listen = t.listen("listen")
+    controller = t.string("controller")
+    chans = t.get("channels", "an array of ITU channel numbers (100 GHz grid, C band: 17 to 61)", list, [34, 37, 38])
+    if not chans or len(set(chans)) != len(chans) or \
+            not all(isinstance(c, int) and not isinstance(c, bool) and 17 <= c <= 61 for c in chans):
+        raise t.error("channels", "a non-empty array of distinct ITU channel numbers from 17 to 61", chans)
+    fibres: list[FibreConfig] = []
+    switches = {d.id: d for d in devices if d.kind == "switch"}
+    for i, raw in enumerate(t.get("fibres", "an array of [[sdn.fibres]] tables", list, [])):
+        f = _Table(t.file, f"sdn.fibres[{i}]", raw)
+        sw = f.string("switch")
+        if sw not in switches:
+            raise f.error("switch", f"the id of a [[devices]] switch ({', '.join(switches) or 'none listed'})", sw)
+        fibre = FibreConfig(switch=sw, port=f.integer("port", 1, 100_000), node=f.string("node"),
+                            remote_port=f.integer("remote_port", 1, 100_000), loss_db=f.number("loss_db", 0, 100))
+        if fibre.node not in peers:
+            raise f.error("node", f"a node listed under [peers] ({', '.join(sorted(peers)) or 'none listed'})",
+                          fibre.node)
+        classical = switches[sw].settings.get("classical_ports", [])
+        if isinstance(classical, list) and fibre.port in classical:
+            raise f.error("port", f"a port of {sw} that carries no classical traffic (classical_ports {classical})",
+                          fibre.port)
+        if fibre.port in _ports_in_use(list(devices), sw) or \
+                any(o.switch == sw and o.port == fibre.port for o in fibres):
+            raise f.error("port", f"a port of {sw} no module, cross-connect or other fibre uses", fibre.port)
+        f.finish()
+        fibres.append(fibre)
+    cfg = SdnConfig(listen=listen, controller=controller, channels=tuple(chans),
+                    pool_target_bits=t.integer("pool_target_bits", 8, 1 << 40, 1 << 20),
+                    fetch_interval=t.number("fetch_interval", 0.01, 3600, 1.0), fibres=tuple(fibres))
+    t.finish()
+    return cfg

@@ -9,7 +9,12 @@ Each device has its own loop, every `poll_interval` seconds:
   `quantum_alarm_dbm`; the latest sweep is also written to `<vault folder>/spectrum/ID.json`
   for `qkdnode spectrum`;
 - telemetry: nothing here; the telemetry loop (qkdnode/telemetry.py) reads the link's figures
-  from this device instead of from the link's key source.
+  from this device instead of from the link's key source;
+- cvqkd: a spare CV-QKD module (docs/sdn.md): kept connected, idle, so its health is known
+  before the SDN agent makes a switched link with it.
+The set of cross-connects a switch keeps may change while the node runs: the SDN agent adds
+those of a switched link (`add_cross_connects`) and takes them away again
+(`remove_cross_connects`); each change is read back, and the loop keeps the new set.
 Every device's health goes to `qkdnode_device_up`/`qkdnode_device_state`. A device that fails
 costs its own figures only: the loops never touch the vault or a hand-out.
 """
@@ -38,6 +43,10 @@ class Device:
         self.last_map: dict[int, int] | None = None
         self.last_trace: Trace | None = None
         self.quantum: dict[int, float] = {}
+        # What this node keeps on a switch: the configured cross-connects, and those the SDN
+        # agent added at runtime (changed only under `lock`, with the loop's poll).
+        self.kept: dict[int, int] = dict(cfg.cross_connects)
+        self.lock = asyncio.Lock()
 
     @property
     def state(self) -> str:
@@ -89,8 +98,9 @@ class Devices:
                     await d.driver.connect()
                     d.connected = True
                 if d.cfg.kind == "switch":
-                    await self.poll_switch(d)
-                else:
+                    async with d.lock:
+                        await self.poll_switch(d)
+                elif d.cfg.kind == "osa":
                     await self.poll_osa(d)
                 if failing:
                     log.info("device %s answers again", d.cfg.id)
@@ -108,7 +118,7 @@ class Devices:
 
     async def poll_switch(self, d: Device) -> None:
         current = await d.driver.cross_connects()
-        missing = {i: e for i, e in d.cfg.cross_connects.items() if current.get(i) != e}
+        missing = {i: e for i, e in d.kept.items() if current.get(i) != e}
         if missing:
             log.info("switch %s: setting the configured cross-connect(s) %s", d.cfg.id,
                      ", ".join(f"{i}->{e}" for i, e in sorted(missing.items())))
@@ -116,6 +126,88 @@ class Devices:
             current = await d.driver.cross_connects()
         d.last_map = dict(current)
         self.metrics.set_switch_map(d.cfg.id, current)
+
+    # ------------------------------------------------------------ the kept set changes (SDN agent)
+
+    def switch(self, switch_id: str) -> Device:
+        d = self.devices.get(switch_id)
+        if d is None or d.cfg.kind != "switch":
+            raise KeyError(switch_id)
+        return d
+
+    async def read_map(self, switch_id: str) -> dict[int, int]:
+        """The switch's cross-connects as it reports them now."""
+        d = self.switch(switch_id)
+        async with d.lock:
+            return await self._read(d)
+
+    async def _read(self, d: Device) -> dict[int, int]:
+        current = await d.driver.cross_connects()
+        d.connected = True
+        d.last_map = dict(current)
+        self.metrics.set_switch_map(d.cfg.id, current)
+        return current
+
+    async def add_cross_connects(self, switch_id: str, pairs: dict[int, int]) -> dict[int, int]:
+        """Set `pairs` (ingress -> egress) and keep them from now on. Every port must be free now
+        (read back first): a connection of someone else is never moved. The map is read back
+        after the change; if the pairs did not all take, whatever of them took is removed again
+        and DriverError is raised. Returns the map read back."""
+        d = self.switch(switch_id)
+        async with d.lock:
+            before = await self._read(d)
+            taken = {p for i, e in before.items() for p in (i, e)}
+            busy = sorted(p for pair in pairs.items() for p in pair if p in taken)
+            if busy:
+                raise DriverError(f"switch {switch_id}: port(s) {', '.join(map(str, busy))} are in use; "
+                                  "nothing was changed")
+            try:
+                await d.driver.connect_ports(pairs)
+            except DriverError:
+                await self._undo(d, pairs, before)
+                raise
+            after = await self._read(d)
+            if any(after.get(i) != e for i, e in pairs.items()):
+                await self._undo(d, pairs, before)
+                raise DriverError(f"switch {switch_id}: the cross-connect(s) did not take; nothing was kept")
+            d.kept.update(pairs)
+            log.info("switch %s: keeping cross-connect(s) %s", switch_id,
+                     ", ".join(f"{i}->{e}" for i, e in sorted(pairs.items())))
+            return after
+
+    async def remove_cross_connects(self, switch_id: str, pairs: dict[int, int]) -> dict[int, int]:
+        """Stop keeping `pairs` and disconnect them (those still connected as given; a port
+        connected otherwise by now is left alone). Returns the map read back."""
+        d = self.switch(switch_id)
+        async with d.lock:
+            for i, e in pairs.items():
+                if d.kept.get(i) == e and d.cfg.cross_connects.get(i) != e:
+                    del d.kept[i]
+            current = await self._read(d)
+            ours = [i for i, e in pairs.items() if current.get(i) == e and d.cfg.cross_connects.get(i) != e]
+            if ours:
+                await d.driver.disconnect_ports(ours)
+            after = await self._read(d)
+            left = [i for i in ours if after.get(i) == pairs[i]]
+            if left:
+                raise DriverError(f"switch {switch_id}: cross-connect(s) from port(s) {left} are still there")
+            log.info("switch %s: removed cross-connect(s) %s", switch_id,
+                     ", ".join(f"{i}->{e}" for i, e in sorted(pairs.items())))
+            return after
+
+    async def _undo(self, d: Device, pairs: dict[int, int], before: dict[int, int]) -> None:
+        """Take away what of `pairs` took, leaving every other connection as it was."""
+        try:
+            now = await self._read(d)
+            extra = [i for i, e in pairs.items() if now.get(i) == e and before.get(i) != e]
+            if extra:
+                await d.driver.disconnect_ports(extra)
+                await self._read(d)
+        except DriverError as exc:
+            log.error("switch %s: could not take back a cross-connect that did not fully take: %s", d.cfg.id, exc)
+
+    def kept(self, switch_id: str) -> dict[int, int]:
+        return dict(self.switch(switch_id).kept)
 
     async def poll_osa(self, d: Device) -> None:
         start, stop = d.cfg.sweep_nm

@@ -104,3 +104,13 @@ class RelayFailed(QkdnodeError):
     def __init__(self, message: str, link: tuple[str, str], exhausted: bool = False):
         super().__init__(message)
         self.link, self.exhausted = link, exhausted
+
+
+class SdnRefused(QkdnodeError):
+    """The SDN agent refuses a request (docs/sdn.md) and has changed nothing. `tag` is the RESTCONF
+    error-tag (invalid-value, data-exists, data-missing, resource-denied, access-denied,
+    operation-failed) and `status` the HTTP status that goes with it."""
+
+    def __init__(self, message: str, tag: str = "operation-failed", status: int = 409):
+        super().__init__(message)
+        self.tag, self.status = tag, status

@@ -71,6 +71,7 @@ class LinkPool:
         self.device_ok = False
         self.ready_bits = 0        # as of the last gauge refresh
         self.ingest_bps = 0.0      # agreed key per second, smoothed (routing weighs links by it)
+        self.consumed_bits = 0     # key cut from this pool since start, by either end (the SDN model's consumption)
         self._ingest_at = time.monotonic()
 
     # ------------------------------------------------------------ lifecycle
@@ -332,6 +333,7 @@ class LinkPool:
             except CarveConflict:
                 asyncio.create_task(self._discard_at_peer(items, "the other end could not cut these keys"))
                 raise
+        self.consumed_bits += number * size_bits
         await self.refresh_gauge()
         return handouts
 
@@ -351,6 +353,7 @@ class LinkPool:
             raise BadMessage("number >= 1 and size a positive multiple of 8 expected")
         key_ids = [str(uuid.uuid4()) for _ in range(number)]
         handouts = await self.vault.run(self.vault.carve, self.cfg.id, key_ids, size // 8, master, slaves, True)
+        self.consumed_bits += number * size
         await self.refresh_gauge()
         return {"keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
 
@@ -366,6 +369,7 @@ class LinkPool:
         ranges = [ranges_of(i) for i in items]
         stored = await self.vault.run(self.vault.apply_carve, self.cfg.id, key_ids, ranges, size // 8, master,
                                       slaves, True)
+        self.consumed_bits += len(stored) * size
         await self.refresh_gauge()
         return {"stored": len(stored)}
 

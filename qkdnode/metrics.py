@@ -56,6 +56,11 @@ class NodeMetrics:
                                       registry=r)
         self.keys_relayed = Counter("qkdnode_keys_relayed_total", "Keys that reached this node through relay",
                                     registry=r)
+        self.route_keys = Counter("qkdnode_relay_route_keys_total", "Keys this node made for SAEs on another node, "
+                                  "by the path they took (A>C a direct link, A>B>C relayed)", ["dest", "path"],
+                                  registry=r)
+        self.sdn_requests = Counter("qkdnode_sdn_requests_total", "SDN controller requests by operation and result "
+                                    "(done, refused, failed)", ["operation", "result"], registry=r)
         # -- operations (issue 7): the link as its device reports it, the pool's outlook, the
         # optical layer, device health, certificates and reloads
         self.link_qber = Gauge("qkdnode_link_qber_ratio", "Quantum bit error rate the link's device reports "
@@ -149,6 +154,18 @@ class NodeMetrics:
 
     def set_switch_map(self, switch: str, pairs: Mapping[int, int]) -> None:
         self._replace(self.switch_cross_connect, switch, {(switch, str(i), str(e)): 1 for i, e in pairs.items()})
+
+    def forget_link(self, link: str) -> None:
+        """A link removed while the node runs (a switched link deleted): its series go with it."""
+        for metric in (self.pool_ready_bits, self.pool_bits, self.blocks_ready, self.blocks_discarded,
+                       self.driver_up, self.relay_link_bits, self.link_qber, self.link_excess_noise, self.link_skr,
+                       self.link_state, self.pool_target_bits, self.pool_time_to_empty):
+            for labels in [k for k in list(metric._metrics) if k and k[0] == link]:
+                metric.remove(*labels)
+        for gauge in (self.link_qber, self.link_excess_noise, self.link_skr, self.link_state):
+            self._labels.pop((id(gauge), link), None)
+        for gauge in (self.device_up, self.device_state):
+            self._replace(gauge, link, {})
 
     def set_certificate_expiry(self, expiries: Mapping[str, float]) -> None:
         self._replace(self.cert_expiry, "", {(name,): ts for name, ts in expiries.items()})

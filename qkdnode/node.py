@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from qkdnode.api004 import Streams, make_api004_app
 from qkdnode.api014 import make_api_app
-from qkdnode.config import Listen, NodeConfig
+from qkdnode.config import LinkConfig, Listen, NodeConfig
 from qkdnode.devices import Devices
 from qkdnode.errors import QkdnodeError
 from qkdnode.interfaces import load_driver
@@ -27,6 +27,7 @@ from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import PeerClient, make_peer_app
 from qkdnode.relay import Router, node_sae
 from qkdnode.reload import SighupReloads, reload_node
+from qkdnode.sdn import SdnAgent
 from qkdnode.sdnotify import SystemdNotifier
 from qkdnode.skip import make_skip_app
 from qkdnode.telemetry import Telemetry
@@ -46,13 +47,12 @@ class Node:
         self.server_ssl = checked(cfg.file, server_context, *pems)
         self.client_ssl = client_ssl = checked(cfg.file, client_context, *pems)
         self.peers = {pid: PeerClient(p, client_ssl, self.metrics) for pid, p in cfg.peers.items()}
+        # Every link's pool, static and switched: the peer channel, the router and the telemetry
+        # loop all read this one dict, so a link added or removed at runtime is seen by all.
         self.pools: dict[str, LinkPool] = {}
         for i, link in enumerate(cfg.links):
             source = load_driver(link.driver, link.settings, file=cfg.file, key=f"links[{i}].driver")
-            # The two nodes themselves are parties of a link too: relay pads are hand-outs between them.
-            parties = dict(cfg.saes, **{node_sae(cfg.node_id): cfg.node_id, node_sae(link.peer): link.peer})
-            self.pools[link.id] = LinkPool(link, cfg.node_id, self.vault, source, self.peers[link.peer],
-                                           self.metrics, parties)
+            self.pools[link.id] = self._make_pool(link, source)
         self.router = Router(self)
         self.streams = Streams(self)  # ETSI 004 key streams (both ends), served if [etsi004] is configured
         self._runners: list[web.AppRunner] = []
@@ -60,20 +60,66 @@ class Node:
         self.devices = Devices(cfg, self.metrics)  # switches, spectrum analysers, telemetry sources
         self.telemetry = Telemetry(self.metrics, self.pools, sources={
             link.id: src for link in cfg.links if (src := self.devices.telemetry_for(link.id)) is not None})
+        self.sdn = SdnAgent(self) if cfg.sdn else None  # the controller's view and switched links
+
+    def _make_pool(self, link: LinkConfig, source) -> LinkPool:
+        # The two nodes themselves are parties of a link too: relay pads are hand-outs between them.
+        parties = dict(self.cfg.saes, **{node_sae(self.cfg.node_id): self.cfg.node_id, node_sae(link.peer): link.peer})
+        return LinkPool(link, self.cfg.node_id, self.vault, source, self.peers[link.peer], self.metrics, parties)
 
     def pool_to(self, node_id: str) -> LinkPool | None:
-        link = self.cfg.link_to(node_id)
-        return self.pools[link.id] if link else None
+        for pool in self.pools.values():
+            if pool.cfg.peer == node_id:
+                return pool
+        return None
+
+    # ------------------------------------------------------------ links made while running (SDN agent)
+
+    async def add_link(self, link: LinkConfig, source) -> LinkPool:
+        """Start a link that is not in the config file (a switched link): its pool takes key from
+        `source`, agrees it with the peer over the peer channel, and serves hand-outs and relays
+        like any other. The peer must be listed under [peers] and share no link with us yet."""
+        if link.id in self.pools or self.pool_to(link.peer) is not None or link.peer not in self.peers:
+            raise QkdnodeError(f"node {self.cfg.node_id}: cannot add link {link.id} to node {link.peer}: "
+                               "a link with that id or to that node exists, or the node is not a peer")
+        pool = self._make_pool(link, source)
+        await pool.start()
+        self.pools[link.id] = pool
+        log.info("node %s: link %s to node %s added (%s end, driver %s)", self.cfg.node_id, link.id, link.peer,
+                 link.role, link.driver)
+        return pool
+
+    async def remove_link(self, link_id: str, *, drop_key: bool = True) -> None:
+        """Stop a link added by add_link. Keys already handed out stay deliverable; the link's
+        blocks not yet used are deleted (zeroed) when `drop_key`, as the link is gone for good."""
+        pool = self.pools.pop(link_id)
+        try:
+            if pool.cfg.is_master:  # pushes the peer has not confirmed yet: one last try
+                await pool.flush_outbox(min_age=0)
+        except QkdnodeError as exc:
+            log.warning("link %s: outbox not delivered before removal: %s", link_id, exc)
+        await pool.stop()
+        if drop_key:
+            dropped = await self.vault.run(self.vault.drop_link_blocks, link_id)
+            log.info("link %s: %d unused block(s) deleted with the link", link_id, dropped)
+        self.metrics.forget_link(link_id)
+        log.info("node %s: link %s to node %s removed", self.cfg.node_id, link_id, pool.cfg.peer)
 
     async def hand_out(self, master: str, slaves: list[str], number: int, size_bits: int) -> list[HandOut]:
         """Fresh keys for `master` (an SAE of this node) shared with `slaves` (SAEs of other
         nodes, any number of them): over the direct link, or relayed. Durable before it returns.
         Raises PoolExhausted/NoRoute when no path has key, PeerUnavailable when none answers."""
-        return await self.router.hand_out(master, slaves, number, size_bits)
+        handouts = await self.router.hand_out(master, slaves, number, size_bits)
+        if self.sdn:
+            self.sdn.applications.handed_out(master, slaves, number * size_bits)
+        return handouts
 
     async def deliver(self, slave: str, master: str, key_ids: list[str]) -> list[tuple[str, bytes]]:
         """The keys `master` got for `slave`, once each (UnknownKey, NotYourKey otherwise)."""
-        return await self.vault.run(self.vault.deliver, slave, master, key_ids)
+        keys = await self.vault.run(self.vault.deliver, slave, master, key_ids)
+        if self.sdn:
+            self.sdn.applications.delivered(slave, master, sum(len(bits) for _, bits in keys) * 8)
+        return keys
 
     async def start(self) -> None:
         await asyncio.to_thread(self.vault.open, True)
@@ -81,7 +127,8 @@ class Node:
             await peer.start()
         await self._serve(make_peer_app(self.cfg.node_id, self.pools,
                                         {"relay": self.router.on_relay, "lsa": self.router.on_lsa,
-                                         "etsi004": self.streams.on_peer}),
+                                         "etsi004": self.streams.on_peer},
+                                        self.sdn.peer_calls() if self.sdn else {}, set(self.peers)),
                           self.cfg.peer_listen, self.server_ssl)
         await self._serve(make_api_app(self), self.cfg.api, self.server_ssl)
         # The other applications' APIs (docs/apis.md): same certificates, same SAE registry, same pools.
@@ -98,6 +145,11 @@ class Node:
             await pool.start()
         self.router.start()
         self.devices.start()
+        if self.sdn:
+            await self.sdn.start()  # switched links kept from before a restart come back here
+            await self._serve(self.sdn.app(), self.cfg.sdn.listen, self.server_ssl)
+            log.info("node %s: SDN agent on https://%s for controller %r", self.cfg.node_id, self.cfg.sdn.listen,
+                     self.cfg.sdn.controller)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="vault housekeeping"))
         self._start_telemetry()
         log.info("node %s up: ETSI 014 on https://%s, peer channel on https://%s, %d link(s)",
@@ -156,12 +208,16 @@ class Node:
 
     async def stop(self) -> None:
         # First stop taking requests (answers in flight finish), then the background loops.
+        if self.sdn:
+            self.sdn.close_streams()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sdn:
+            await self.sdn.stop()
         await self.router.stop()
         await self.devices.stop()
         for pool in self.pools.values():

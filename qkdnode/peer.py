@@ -11,6 +11,8 @@ link's messages are accepted only from that link's peer.
     POST /peer/v1/links/{link}/discard   either way: forget keys whose hand-out failed
     POST /peer/v1/links/{link}/relay     either way: keys for SAEs further on (docs/relay.md)
     POST /peer/v1/links/{link}/lsa       either way: link-state advertisements for routing
+    POST /peer/v1/node/{verb}            node to node, no link needed: the SDN agents' switched-link
+                                         set-up (plan, apply, release; docs/sdn.md)
     GET  /peer/v1/health
 """
 
@@ -33,6 +35,7 @@ from qkdnode.errors import (
     QkdnodeError,
     RelayFailed,
     RelayRejected,
+    SdnRefused,
 )
 from qkdnode.tlsutil import peer_identity
 
@@ -66,7 +69,13 @@ class PeerClient:
             self._session = None
 
     async def call(self, link: str, verb: str, body: dict, timeout: float = 15.0) -> dict:
-        url = f"{self.cfg.url}/peer/v1/links/{link}/{verb}"
+        return await self._post(f"{self.cfg.url}/peer/v1/links/{link}/{verb}", body, timeout)
+
+    async def call_node(self, verb: str, body: dict, timeout: float = 15.0) -> dict:
+        """A node-level message: one that belongs to no link (the peer may share none with us yet)."""
+        return await self._post(f"{self.cfg.url}/peer/v1/node/{verb}", body, timeout)
+
+    async def _post(self, url: str, body: dict, timeout: float) -> dict:
         try:
             async with self._session.post(url, json=body, server_hostname=self.cfg.server_hostname,
                                           timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -98,11 +107,15 @@ class BadMessage(QkdnodeError):
 
 
 def make_peer_app(node_id: str, pools: dict[str, "LinkPool"],
-                  node_verbs: dict[str, Callable[["LinkPool", dict], Awaitable[dict]]] | None = None
-                  ) -> web.Application:
+                  node_verbs: dict[str, Callable[["LinkPool", dict], Awaitable[dict]]] | None = None,
+                  node_calls: dict[str, Callable[[str, dict], Awaitable[dict]]] | None = None,
+                  peers: "set[str] | frozenset[str]" = frozenset()) -> web.Application:
     """The server side of the peer channel: routes messages to the link pool they belong to, or
-    to a node-level handler (`node_verbs`: relay, routing) that is told which link they came on."""
+    to a node-level handler (`node_verbs`: relay, routing) that is told which link they came on.
+    `node_calls` take messages that belong to no link, from any node in `peers` (the caller's
+    node ID is passed to the handler)."""
     node_verbs = node_verbs or {}
+    node_calls = node_calls or {}
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"node": node_id})
@@ -127,10 +140,30 @@ def make_peer_app(node_id: str, pools: dict[str, "LinkPool"],
             return _error(400, "body is not JSON")
         if not isinstance(body, dict):
             return _error(400, "body must be a JSON object")
+        return await _answer(link_id, handler, body)
+
+    async def node_call(request: web.Request) -> web.Response:
+        verb, caller = request.match_info["verb"], peer_identity(request.transport)
+        if caller not in peers:
+            return _error(403, f"node {node_id} takes node-level calls from its peers only; the caller is {caller!r}")
+        handler = node_calls.get(verb)
+        if handler is None:
+            return _error(404, f"no node-level peer call {verb!r}")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "body is not JSON")
+        if not isinstance(body, dict):
+            return _error(400, "body must be a JSON object")
+        return await _answer(f"(node call {verb})", functools.partial(handler, caller), body)
+
+    async def _answer(link_id: str, handler, body: dict) -> web.Response:
         try:
             return web.json_response(await handler(body))
         except BadMessage as exc:
             return _error(400, str(exc))
+        except SdnRefused as exc:  # the SDN agent said no and changed nothing: tell the other agent why
+            return web.json_response({"message": str(exc), "refused": exc.tag}, status=409)
         except PoolExhausted as exc:
             return _error(503, str(exc))
         except RelayRejected as exc:
@@ -147,6 +180,7 @@ def make_peer_app(node_id: str, pools: dict[str, "LinkPool"],
     app = web.Application(client_max_size=1 << 20)
     app.router.add_get("/peer/v1/health", health)
     app.router.add_post("/peer/v1/links/{link}/{verb}", link_call)
+    app.router.add_post("/peer/v1/node/{verb}", node_call)
     return app
 
 

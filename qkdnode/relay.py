@@ -230,7 +230,9 @@ class Router:
         exclude: set[tuple[str, str]] = set()
         if pool is not None:
             try:
-                return await pool.hand_out(master, slaves, number, size)
+                handouts = await pool.hand_out(master, slaves, number, size)
+                self.metrics.route_keys.labels(dest, f"{self.me}>{dest}").inc(number)
+                return handouts
             except (PoolExhausted, PeerUnavailable) as exc:
                 log.info("link %s cannot serve this request (%s); trying relay paths", pool.cfg.id, exc)
                 exclude.add((self.me, dest))
@@ -306,6 +308,7 @@ class Router:
             raise RelayFailed(str(exc), (self.me, nxt)) from None
         self.metrics.relay_messages.labels("sent").inc()
         if i == 0:
+            self.metrics.route_keys.labels(path[-1], ">".join(path)).inc(number)
             await self.node.vault.run(self.node.vault.record_issued, [k for k, _ in keys], master, slaves, size,
                                       "relay:" + ">".join(path))
         return [HandOut(k, [], bits) for k, bits in keys]

@@ -130,7 +130,8 @@ async def reload_node(node: "Node") -> bool:
 def _apply(node: "Node", new: NodeConfig) -> None:
     links = {link.id: link for link in new.links}
     for link_id, pool in node.pools.items():
-        pool.cfg = links[link_id]
+        if link_id in links:  # a switched link made by the SDN agent has no entry in the file
+            pool.cfg = links[link_id]
         # The pool's own registry of parties may hold more than the config's SAEs: add, never replace.
         pool.saes.update({s: n for s, n in new.saes.items() if s not in pool.saes})
     node.cfg = new

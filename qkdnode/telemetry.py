@@ -126,7 +126,8 @@ class Telemetry:
         m.pool_target_bits.labels(link).set(pool.cfg.pool_target_bits)
         ready = m.registry.get_sample_value("qkdnode_pool_ready_bits", {"link": link})
         if ready is not None:
-            m.pool_time_to_empty.labels(link).set(self._drain[link].add(time.monotonic(), ready))
+            drain = self._drain.setdefault(link, TimeToEmpty())  # links come and go (switched links)
+            m.pool_time_to_empty.labels(link).set(drain.add(time.monotonic(), ready))
         if link in self.sources:
             src = self.sources[link]
             m.set_link_telemetry(link, await self._figures(link, src))

@@ -471,6 +471,14 @@ class Vault:
             if cur.rowcount:
                 self._audit("block_discarded", None, None, link, None, f"{bid}: {reason}")
 
+    def drop_link_blocks(self, link: str) -> int:
+        """A link removed for good (a switched link deleted): its blocks, pending or ready, are
+        deleted (secure_delete zeroes them). Keys already cut from them are not touched."""
+        cur = self._conn.execute("DELETE FROM blocks WHERE link=?", (link,))
+        if cur.rowcount:
+            self._audit("link_removed", None, None, link, None, f"{cur.rowcount} unused block(s) deleted")
+        return cur.rowcount
+
     def free_bytes(self, link: str) -> int:
         row = self._conn.execute("SELECT COALESCE(SUM(free), 0) FROM blocks WHERE link=? AND state='ready'",
                                  (link,)).fetchone()

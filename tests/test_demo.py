@@ -39,8 +39,10 @@ async def test_demo_prints_the_manifest_and_serves_keys_from_it(tmp_path):
         for node in m["nodes"].values():
             assert set(node) == {"etsi014", "peer", "metrics", "sdn", "etsi004", "skip", "pid"}
             assert node["etsi004"].startswith("https://") and node["skip"].startswith("https://")
+            assert node["sdn"].startswith("https://127.0.0.1:")  # the SDN agent (docs/sdn.md)
             assert node["etsi014"].startswith("https://127.0.0.1:") and node["peer"].startswith("https://")
             assert alive(node["pid"])
+        assert set(m["controller"]) == {"cert", "key"} and Path(m["controller"]["key"]).is_file()
         for sae, entry in m["saes"].items():
             assert entry["node"] in m["nodes"]
             assert Path(entry["cert"]).is_absolute() and Path(entry["key"]).is_file()

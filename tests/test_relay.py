@@ -175,6 +175,7 @@ async def test_killing_an_intermediate_node_moves_traffic_to_another_path(net):
         # Both A-C paths need key: wait until the D-C CV link has some after privacy amplification.
         await wait_for(lambda: asyncio.sleep(0, metric(net, "D", 'qkdnode_pool_ready_bits{link="D-C"}') > 4096),
                        timeout=60, interval=0.5)
+        await asyncio.sleep(2.5)  # and A has heard so: C's advert of it reaches A through D within two advert periods
         for victim, other in (("B", "D"), ("D", "B")):
             net.kill(victim)  # SIGKILL: no goodbye to its neighbours
             through = metric(net, other, 'qkdnode_relay_messages_total{direction="received"}')
