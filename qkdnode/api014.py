@@ -27,6 +27,7 @@ from qkdnode.errors import (
     QkdnodeError,
     UnknownKey,
 )
+from qkdnode.limits import LimitExceeded, SaeLimits
 from qkdnode.tlsutil import peer_identity
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ def _error(status: int, message: str, details: list | None = None) -> web.Respon
 
 def make_api_app(node: "Node") -> web.Application:
     cfg, metrics = node.cfg, node.metrics
+    limits = SaeLimits(cfg.limits.default, cfg.limits.saes)  # [limits]: 429 before anything is taken
 
     @web.middleware
     async def errors(request: web.Request, handler):
@@ -64,6 +66,9 @@ def make_api_app(node: "Node") -> web.Application:
             resp = await handler(request)
         except ApiError as exc:
             resp = _error(exc.status, exc.message, exc.details)
+        except LimitExceeded as exc:
+            resp = _error(429, str(exc), [{"retry_after_seconds": exc.retry_after}])
+            resp.headers["Retry-After"] = str(int(exc.retry_after))
         except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself: still an Error object
             resp = _error(exc.status, exc.reason)
         metrics.requests.labels(call, str(resp.status)).inc()
@@ -76,6 +81,7 @@ def make_api_app(node: "Node") -> web.Application:
             raise ApiError(401, f"the client certificate's identity {sae!r} is not a registered SAE")
         if cfg.saes[sae] != cfg.node_id:
             raise ApiError(401, f"SAE {sae} is attached to node {cfg.saes[sae]}, not to node {cfg.node_id}")
+        limits.admit(sae)
         return sae
 
     def check_slaves(master: str, slaves: list[str]) -> None:
@@ -178,7 +184,8 @@ def make_api_app(node: "Node") -> web.Application:
         slaves = [slave, *extra]
         check_slaves(master, slaves)
         try:
-            handouts = await node.hand_out(master, slaves, number, size)
+            with limits.key_bits(master, number * size):
+                handouts = await node.hand_out(master, slaves, number, size)
         except (PoolExhausted, NoRoute) as exc:
             raise ApiError(503, f"not enough key: {exc}") from None
         except (PeerUnavailable, PeerRejected, CarveConflict) as exc:
