@@ -111,7 +111,7 @@ def make_api_app(node: "Node") -> web.Application:
     async def body_of(request: web.Request, allowed: set[str]) -> dict:
         try:
             body = json.loads(await request.read() or b"{}")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
@@ -130,7 +130,7 @@ def make_api_app(node: "Node") -> web.Application:
         if name not in q:
             return default
         text = q[name]
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:  # '²' is a digit to str.isdigit
             raise ApiError(400, f"{name} must be a decimal integer", parameter=name, value=text)
         return int(text)
 
