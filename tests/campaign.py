@@ -81,7 +81,8 @@ INVARIANTS = [
      "once consumed.",
      ["tests/test_backbone.py::test_no_key_bits_in_metrics_or_logs",
       "tests/test_vault.py::test_a_copy_of_the_files_holds_no_key_bits",
-      "tests/test_cvqkd.py::test_lines_that_are_not_framed_right_are_rejected_without_quoting_them"]),
+      "tests/test_cvqkd.py::test_lines_that_are_not_framed_right_are_rejected_without_quoting_them",
+      "tests/test_crash_network.py::test_sigkill_anywhere_under_load_then_every_association_is_consistent"]),
     ("4. An SAE only gets keys of associations it belongs to; its identity comes from its TLS client "
      "certificate.",
      ["tests/test_backbone.py::test_certificates_decide_who_gets_a_key",
@@ -161,8 +162,10 @@ time (`tests/test_faults.py`). *Shown after*: seconds from the fault to the metr
 pairs that got keys during the fault (pairs whose every path needs the faulty part are not required);
 *resumed after*: seconds from clearing the fault until the device or peer delivers again and every pair
 is served again. Device calls in this network give up after 2 s with one retry (driver settings
-`timeout = 2.0`, `retries = 1`), as a lab would set them; with a profile's defaults (idq 10 s x 4,
-toshiba 30 s x 4) a hung KME shows correspondingly later.
+`timeout = 2.0`, `retries = 1`, `backoff_max = 1.0`; CV-QKD `backoff_max = 5.0`), as a lab would set them;
+with a profile's defaults (idq 10 s x 4, toshiba 30 s x 4) a hung KME shows correspondingly later. Recovery
+is bounded by the backoffs: a link's fill loop waits up to 30 s between attempts after repeated failures,
+so a long outage may take that long to heal after the fault clears.
 
 | device or channel | fault | shown by | shown after (s) | served during the fault | resumed after (s) | daemons up | outcome |
 | --- | --- | --- | --- | --- | --- | --- | --- |
@@ -209,6 +212,7 @@ random moments under load from 9 SAE pairs over direct and relayed paths, each f
 | link key stranded at a link's non-master end (never handed out, never served) | {c['stranded_bits']} bits |
 | keys waiting in a vault for which no SAE got an answer (never served) | {c['orphan_keys']} |
 | outbox rows left after the re-send loops ran | {c['outbox_left']} |
+| key bits in the nodes' logs ({c.get('log_lines')} lines searched for {c.get('keys_looked_for')} keys, base64 and hex) | {c.get('keys_in_logs')} |
 | enc_keys outcomes (0: the node was down) | {_statuses(c['statuses'])} |
 
 **Which cases may lose a key, and why none is served twice or differently.** A key whose enc_keys

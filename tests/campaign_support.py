@@ -61,6 +61,8 @@ class CampaignTestbed(Testbed):
         out = super()._device_settings(link, i, name)
         if out["driver"] == "etsi014":
             out["settings"].update(timeout=self.device_timeout, retries=1, backoff=0.2, backoff_max=1.0)
+        elif out["driver"] == "cvqkd-serial":
+            out["settings"].update(backoff_max=5.0)
         return out
 
     def _write_node(self, name: str) -> None:
@@ -156,6 +158,7 @@ class Ledger:
     keys: dict[str, Issued] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    samples: list[bytes] = field(default_factory=list)   # a few keys' bits, kept in memory to look for in logs
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
@@ -164,7 +167,10 @@ class Ledger:
         ids = []
         for k in answer["keys"]:
             kid = k["key_ID"]
-            digest = hashlib.sha256(base64.b64decode(k["key"])).hexdigest()
+            raw = base64.b64decode(k["key"])
+            digest = hashlib.sha256(raw).hexdigest()
+            if len(self.samples) < 500:
+                self.samples.append(raw)
             if kid in self.keys:
                 self.problems.append(f"key_ID {kid} handed out twice by enc_keys")
             self.keys[kid] = Issued(master, slave, digest)
@@ -185,6 +191,10 @@ class Ledger:
                 entry.mismatched += 1
                 self.problems.append(f"key_ID {k['key_ID']}: the slave got other bits than the master")
         self.count("keys_fetched", len(answer["keys"]))
+
+    def leaked_into(self, text: str) -> int:
+        """How many sampled keys appear in `text` (base64 or hex): must be none."""
+        return sum(base64.b64encode(raw).decode() in text or raw.hex() in text for raw in self.samples)
 
     def unfetched(self) -> dict[str, Issued]:
         return {k: v for k, v in self.keys.items() if v.fetched == 0}

@@ -122,6 +122,8 @@ async def test_sigkill_anywhere_under_load_then_every_association_is_consistent(
             ahead[link.id] = sum(len(free - s_ready.get(bid, set())) for bid, free in m_ready.items())
             stranded[link.id] = sum(len(free - m_ready.get(bid, set())) for bid, free in s_ready.items()
                                     if bid not in m_pending)
+        logs = "".join((tb.dir / n / "node.log").read_text(errors="replace") for n in tb.nodes)
+        leaked = ledger.leaked_into(logs)
         orphans = set().union(*(waiting_keys(tb.dir / n / "vault.db") for n in tb.nodes)) - set(ledger.keys)
     finally:
         await load.close()
@@ -133,8 +135,10 @@ async def test_sigkill_anywhere_under_load_then_every_association_is_consistent(
            mismatched=sum(e.mismatched for e in ledger.keys.values()), problems=ledger.problems[:5],
            statuses=load.statuses, vault_checks={n: c for n, (c, _) in checks.items()},
            bytes_master_ahead=ahead, stranded_bits={k: 8 * v for k, v in stranded.items()},
-           orphan_keys=len(orphans), outbox_left=outboxes)
+           orphan_keys=len(orphans), outbox_left=outboxes, keys_in_logs=leaked,
+           log_lines=logs.count("\n"), keys_looked_for=len(ledger.samples))
     assert all(alive.values()), alive
+    assert leaked == 0, "key bits in a node's log"
     assert not ledger.problems, ledger.problems[:10]
     assert left == 0 and issued > 0 and twice == 0
     assert all(code == 0 for code, _ in checks.values()), checks
