@@ -312,24 +312,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.campaign", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/reliability.md", help="where to write the report")
     parser.add_argument("--long", action="store_true", help="the long campaign (as QKDNODE_CAMPAIGN=long)")
+    parser.add_argument("--render", metavar="DIR", help="only write the report again from the results a run left in DIR")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if not out.is_absolute():
+        out = ROOT / out
+    if args.render:
+        saved = json.loads((Path(args.render) / "run.json").read_text())
+        outcomes = Outcomes()
+        outcomes.tests = saved["tests"]
+        out.write_text(render(Path(args.render), outcomes, saved["mode"], saved["seconds"]))
+        print(f"wrote {out} from {args.render}")
+        return 0
     if args.long:
         os.environ["QKDNODE_CAMPAIGN"] = "long"
     mode = os.environ.setdefault("QKDNODE_CAMPAIGN", "ci")
     import pytest
 
-    with tempfile.TemporaryDirectory(prefix="qkdnode-campaign-") as results:
-        os.environ["QKDNODE_CAMPAIGN_RESULTS"] = results
-        tests = list(dict.fromkeys(CAMPAIGN + [t for _, _, t in DRIVER_ROWS] + [t for _, ts in INVARIANTS for t in ts]))
-        outcomes = Outcomes()
-        started = time.monotonic()
-        code = pytest.main(["-q", "-p", "no:cacheprovider", *tests], plugins=[outcomes])
-        report = render(Path(results), outcomes, mode, time.monotonic() - started)
-    out = Path(args.out)
-    if not out.is_absolute():
-        out = ROOT / out
-    out.write_text(report)
-    print(f"wrote {out} ({mode} mode): pytest exit code {code}")
+    results = tempfile.mkdtemp(prefix="qkdnode-campaign-")   # kept: --render DIR writes the report again
+    os.environ["QKDNODE_CAMPAIGN_RESULTS"] = results
+    tests = list(dict.fromkeys(CAMPAIGN + [t for _, _, t in DRIVER_ROWS] + [t for _, ts in INVARIANTS for t in ts]))
+    outcomes = Outcomes()
+    started = time.monotonic()
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *tests], plugins=[outcomes])
+    seconds = time.monotonic() - started
+    (Path(results) / "run.json").write_text(json.dumps({"mode": mode, "seconds": seconds, "tests": outcomes.tests}))
+    out.write_text(render(Path(results), outcomes, mode, seconds))
+    print(f"wrote {out} ({mode} mode) from the results in {results}: pytest exit code {code}")
     return int(code)
 
 
