@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test reliability clean
 
 install: $(STAMP)
 
@@ -18,6 +18,11 @@ demo: install
 
 test: install
 	$(VENV)/bin/python -m pytest -q
+
+# The reliability and security campaign (issue 9): runs it and rewrites docs/reliability.md.
+# Bounded by default; QKDNODE_CAMPAIGN=long make reliability for the full fault matrix and a long soak.
+reliability: install
+	$(VENV)/bin/python -m tests.campaign --out docs/reliability.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info qkdnode/_native*.so demo-work

@@ -87,7 +87,10 @@ class CombinedKeySource:
                 q.popleft().wipe()
 
     async def fetch_new(self, max_bits: int) -> list[KeyBlock]:
-        got = await asyncio.gather(*(p.fetch_new(max_bits) for p in self.parts))
+        # A part whose queue already covers the request is not asked for more: the faster device's
+        # blocks would otherwise pile up in memory without bound while the slower one lags.
+        wants = [max_bits - 8 * sum(len(b.bits) for b in q) for q in self._queues]
+        got = await asyncio.gather(*(p.fetch_new(w) if w > 0 else _nothing() for p, w in zip(self.parts, wants)))
         for q, blocks in zip(self._queues, got):
             q.extend(blocks)
         out: list[KeyBlock] = []
@@ -148,6 +151,10 @@ class CombinedKeySource:
                             max_key_per_request=min(sa.max_key_per_request, sb.max_key_per_request),
                             min_key_size=max(sa.min_key_size, sb.min_key_size),
                             max_key_size=min(sa.max_key_size, sb.max_key_size))
+
+
+async def _nothing() -> list[KeyBlock]:
+    return []
 
 
 def _take_group(qa: deque[KeyBlock], qb: deque[KeyBlock]) -> tuple[list[KeyBlock], list[KeyBlock]] | None:

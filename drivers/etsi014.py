@@ -232,7 +232,7 @@ class Etsi014KeySource:
                 method, url, json=payload, server_hostname=self.server_hostname,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as resp:
-                text = await resp.text()
+                text = await resp.text(errors="replace")  # a body that is not UTF-8 is garbage, not a crash
                 status = resp.status
         except asyncio.TimeoutError:
             raise DeviceUnavailable(f"{url}: no answer within {self.timeout} s") from None
@@ -249,7 +249,7 @@ class Etsi014KeySource:
         if status == 200:
             try:
                 return json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 raise DeviceProtocolError(f"{url}: 200 with a body that is not JSON") from None
         if status == 401 or (status == 400 and self.auth_400_pattern and self.auth_400_pattern in message.lower()):
             raise DeviceUnauthorized(f"{url}: {status}: {message}")
@@ -309,6 +309,6 @@ def _error_message(text: str) -> str:
         body = json.loads(text)
         if isinstance(body, dict) and isinstance(body.get("message"), str):
             return body["message"][:300]
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     return repr(text[:120])

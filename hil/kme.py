@@ -68,13 +68,21 @@ class KeyStream:
 class Faults:
     """Faults of one end, set by tests and the testbed: `delay` seconds before each answer,
     `down` answers 503 to everything, `hang` never answers, `garbage` answers non-JSON,
-    `corrupt` flips one bit of every key this end hands out (a link whose ends disagree)."""
+    `corrupt` flips one bit of every key this end hands out (a link whose ends disagree),
+    `disconnect` drops every connection without an answer, `reply` answers these bytes (200,
+    JSON) to every call (a hostile or broken KME), `tls` is a server context this end presents
+    instead of its own at the next handshakes (a certificate the client does not trust: TLS
+    failure); with `tls` set, connections already open are dropped so that clients handshake
+    again."""
 
     delay: float = 0.0
     down: bool = False
     hang: bool = False
     garbage: bool = False
     corrupt: bool = False
+    disconnect: bool = False
+    reply: bytes | None = None
+    tls: ssl.SSLContext | None = None
 
 
 @dataclass
@@ -107,6 +115,7 @@ class KmePair:
     async def start(self, ssl_a: ssl.SSLContext, ssl_b: ssl.SSLContext, host: str = "127.0.0.1",
                     ports: tuple[int, int] = (0, 0)) -> None:
         for side, ctx, port in (("A", ssl_a, ports[0]), ("B", ssl_b, ports[1])):
+            ctx.sni_callback = self._tls_fault(side)
             app = web.Application(middlewares=[self._faults_mw(side)])
             app.router.add_get("/api/v1/keys/{sae}/status", self._handler(side, self.status))
             app.router.add_route("*", "/api/v1/keys/{sae}/enc_keys", self._handler(side, self.enc_keys))
@@ -126,10 +135,22 @@ class KmePair:
 
     # -- plumbing
 
+    def _tls_fault(self, side: str):
+        def pick(sslobj, server_name, ctx):
+            other = self.ends[side].faults.tls
+            if other is not None:
+                sslobj.context = other
+        return pick
+
     def _faults_mw(self, side: str):
         @web.middleware
         async def mw(request, handler):
             f = self.ends[side].faults
+            if f.disconnect or f.tls is not None:
+                request.transport.abort()    # nothing reaches the client: the answer below is never sent
+                return web.Response(status=503)
+            if f.reply is not None:
+                return web.Response(status=200, body=f.reply, content_type="application/json")
             if f.hang:
                 await asyncio.Event().wait()
             if f.delay:

@@ -68,15 +68,16 @@ class ThrowawayPKI:
         return pki
 
     def issue(self, name: str, cn: str, *, hosts: tuple[str, ...] = (), server: bool = False,
-              client: bool = True, days: int = 30) -> Credential:
-        """Issue a certificate with subject CN `cn` (the identity) and SANs for `hosts`."""
+              client: bool = True, days: int = 30, expired: bool = False) -> Credential:
+        """Issue a certificate with subject CN `cn` (the identity; none if empty) and SANs for
+        `hosts`. `expired`: valid for `days` until yesterday (tests of refused certificates)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.timezone.utc) - (dt.timedelta(days=days + 1) if expired else dt.timedelta())
         usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + \
                  ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []))
             .issuer_name(self._ca_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())

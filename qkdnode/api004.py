@@ -729,7 +729,7 @@ def make_api004_app(node: "Node") -> web.Application:
     async def body_of(request: web.Request, required: set[str], optional: set[str]) -> dict:
         try:
             body = json.loads(await request.read() or b"null")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")

@@ -27,6 +27,7 @@ from qkdnode.errors import (
     QkdnodeError,
     UnknownKey,
 )
+from qkdnode.limits import LimitExceeded, SaeLimits
 from qkdnode.tlsutil import peer_identity
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class _ConfigInForce:
 
 def make_api_app(node: "Node") -> web.Application:
     cfg, metrics = _ConfigInForce(node), node.metrics
+    limits = SaeLimits(cfg.limits.default, cfg.limits.saes)  # [limits]: 429 before anything is taken
 
     @web.middleware
     async def errors(request: web.Request, handler):
@@ -74,6 +76,9 @@ def make_api_app(node: "Node") -> web.Application:
             resp = await handler(request)
         except ApiError as exc:
             resp = _error(exc.status, exc.message, exc.details)
+        except LimitExceeded as exc:
+            resp = _error(429, str(exc), [{"retry_after_seconds": exc.retry_after}])
+            resp.headers["Retry-After"] = str(int(exc.retry_after))
         except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself: still an Error object
             resp = _error(exc.status, exc.reason)
         metrics.requests.labels(call, str(resp.status)).inc()
@@ -86,6 +91,7 @@ def make_api_app(node: "Node") -> web.Application:
             raise ApiError(401, f"the client certificate's identity {sae!r} is not a registered SAE")
         if cfg.saes[sae] != cfg.node_id:
             raise ApiError(401, f"SAE {sae} is attached to node {cfg.saes[sae]}, not to node {cfg.node_id}")
+        limits.admit(sae)
         return sae
 
     def check_slaves(master: str, slaves: list[str]) -> None:
@@ -115,7 +121,7 @@ def make_api_app(node: "Node") -> web.Application:
     async def body_of(request: web.Request, allowed: set[str]) -> dict:
         try:
             body = json.loads(await request.read() or b"{}")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
@@ -134,7 +140,7 @@ def make_api_app(node: "Node") -> web.Application:
         if name not in q:
             return default
         text = q[name]
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:  # '²' is a digit to str.isdigit
             raise ApiError(400, f"{name} must be a decimal integer", parameter=name, value=text)
         return int(text)
 
@@ -188,7 +194,8 @@ def make_api_app(node: "Node") -> web.Application:
         slaves = [slave, *extra]
         check_slaves(master, slaves)
         try:
-            handouts = await node.hand_out(master, slaves, number, size)
+            with limits.key_bits(master, number * size):
+                handouts = await node.hand_out(master, slaves, number, size)
         except (PoolExhausted, NoRoute) as exc:
             raise ApiError(503, f"not enough key: {exc}") from None
         except (PeerUnavailable, PeerRejected, CarveConflict) as exc:

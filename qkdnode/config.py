@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdnode.errors import ConfigError
+from qkdnode.limits import SaeLimit
 
 ROLES = ("master", "slave")
 
@@ -52,6 +53,15 @@ class KeyLimits:
     max_key_size: int
     max_key_per_request: int
     max_SAE_ID_count: int
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-SAE request rates and key-bit quotas (qkdnode/limits.py): `default` for every SAE,
+    `saes` for the SAEs named under [limits.saes]."""
+
+    default: SaeLimit = SaeLimit()
+    saes: dict[str, SaeLimit] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,7 @@ class NodeConfig:
     etsi004: Listen | None = None  # ETSI GS QKD 004 key streams for SAEs (docs/apis.md); None: not served
     skip: Listen | None = None     # SKIP for routers (docs/apis.md); None: not served
     sdn: SdnConfig | None = None   # the SDN agent (docs/sdn.md); None: not served
+    limits: LimitsConfig = LimitsConfig()  # per-SAE request rates and key-bit quotas; default: none
 
     def link_to(self, node_id: str) -> LinkConfig | None:
         for link in self.links:
@@ -426,6 +437,8 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
             raise routes_t.error(dest, expected, path)
         routes[dest] = tuple(path)
     routes_t.finish()
+
+    limits = _limits(top.table("limits", {}), saes, node_id)
     top.finish()
 
     return NodeConfig(
@@ -445,6 +458,7 @@ def parse(file: Path, data: dict[str, Any]) -> NodeConfig:
         skip=skip,
         devices=devices,
         sdn=sdn,
+        limits=limits,
     )
 
 
@@ -561,3 +575,28 @@ def _sdn(t: _Table, devices: tuple[DeviceConfig, ...], peers: dict[str, PeerConf
                     fetch_interval=t.number("fetch_interval", 0.01, 3600, 1.0), fibres=tuple(fibres))
     t.finish()
     return cfg
+
+
+def _sae_limit(t: _Table, base: SaeLimit) -> SaeLimit:
+    return SaeLimit(
+        requests_per_second=t.number("requests_per_second", 0, 1e6, base.requests_per_second),
+        burst=t.integer("burst", 1, 1_000_000, base.burst),
+        key_bits_per_day=t.integer("key_bits_per_day", 0, 1 << 62, base.key_bits_per_day),
+    )
+
+
+def _limits(t: _Table, saes: dict[str, str], node_id: str) -> LimitsConfig:
+    """[limits]: defaults for every SAE; [limits.saes.ID]: one SAE of this node, the keys it
+    leaves out taken from [limits]."""
+    default = _sae_limit(t, SaeLimit())
+    per_t = t.table("saes", {})
+    per: dict[str, SaeLimit] = {}
+    for sae in list(per_t.data):
+        if saes.get(sae) != node_id:
+            raise per_t.error(sae, f"an SAE attached to this node ({node_id}) in [saes]", sae)
+        one = per_t.table(sae)
+        per[sae] = _sae_limit(one, default)
+        one.finish()
+    per_t.finish()
+    t.finish()
+    return LimitsConfig(default, per)

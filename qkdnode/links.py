@@ -248,7 +248,12 @@ class LinkPool:
             todo = [bid for bid in wanted if bid not in have]
             if todo:
                 await self._ensure_device()
-                fetched = await self._fetch_each(todo, results)
+                try:
+                    fetched = await self._fetch_each(todo, results)
+                except DriverError:  # this end's device failed: show it here, not only in the master's log
+                    self._device(False)
+                    raise
+                self._device(True)
                 matching = []
                 for block in fetched:
                     size, digest = wanted[block.block_id]

@@ -82,7 +82,7 @@ class PeerClient:
                 status = resp.status
                 try:
                     answer = await resp.json(content_type=None)
-                except ValueError:
+                except (ValueError, RecursionError):
                     answer = None
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._up(0)
@@ -136,8 +136,10 @@ def make_peer_app(node_id: str, pools: dict[str, "LinkPool"],
             return _error(404, f"no peer call {verb!r}")
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             return _error(400, "body is not JSON")
+        except web.HTTPException as exc:      # 413: larger than client_max_size
+            return _error(exc.status, exc.reason)
         if not isinstance(body, dict):
             return _error(400, "body must be a JSON object")
         return await _answer(link_id, handler, body)

@@ -123,7 +123,7 @@ def make_skip_app(node: "Node") -> web.Application:
         size = DEFAULT_SIZE
         if "size" in q:
             text = q["size"]
-            if not text.isdigit() or len(text) > 9:
+            if not (text.isascii() and text.isdigit()) or len(text) > 9:  # '²' is a digit to str.isdigit
                 raise SkipError(400, "size must be a decimal number of bits")
             size = int(text)
         k = cfg.keys

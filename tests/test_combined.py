@@ -64,6 +64,20 @@ async def test_leftover_blocks_wait_for_their_partner_and_a_bad_id_is_refused():
         await src.fetch_by_ids(["not-a-combined-id"])
 
 
+async def test_a_faster_device_does_not_pile_up_blocks_while_the_slower_one_lags():
+    class Slow(Device):
+        async def fetch_new(self, max_bits):   # one block per call, whatever is asked
+            return await super().fetch_new(1)
+
+    fast, slow = Device("f", [32] * 10000), Slow("s", [32] * 100)
+    src = CombinedKeySource(fast, slow)
+    for _ in range(100):
+        assert len(await src.fetch_new(1024)) == 1
+    # The fast device's blocks waiting in memory never exceed what one request asks for.
+    assert sum(len(b.bits) for b in src._queues[0]) * 8 <= 1024
+    assert len(fast.order) >= 10000 - 100 - 1024 // 256
+
+
 def test_settings_name_what_is_wrong(tmp_path):
     file = tmp_path / "node.toml"
     with pytest.raises(ConfigError, match="parts"):

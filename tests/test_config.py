@@ -26,6 +26,7 @@ from drivers.etsi014 import PROFILES, Etsi014KeySource
 from qkdnode import config
 from qkdnode.cli import main
 from qkdnode.errors import ConfigError
+from qkdnode.limits import SaeLimit
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "config"
 NODE_A = EXAMPLES / "node-a.example.toml"
@@ -190,7 +191,7 @@ def _shown_keys(text: str) -> set[str]:
     shown, table = set(), ""
     for line in text.splitlines():
         if m := re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?\s*$", line):
-            table = re.sub(r"^peers\..+$", "peers.*", m.group(1))
+            table = re.sub(r"^(peers|limits\.saes)\..+$", r"\1.*", m.group(1))
             shown.add(table)
         elif m := re.match(r"^#?\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*\S", line):
             shown.add(f"{table}.{m.group(1)}" if table else m.group(1))
@@ -210,7 +211,8 @@ def test_examples_show_every_key_the_loader_and_driver_accept():
         "peers.*", *(f"peers.*.{k}" for k in names(config.PeerConfig, "node_id")),
         "links", *(f"links.{k}" for k in names(config.LinkConfig, "settings")),
         "links.settings", *(f"links.settings.{k}" for k in DRIVER_SETTINGS),
-        "saes",
+        "saes", "limits", "limits.saes.*",
+        *(f"{t}.{k}" for t in ("limits", "limits.saes.*") for k in names(SaeLimit)),
     }
     shown = _shown_keys(NODE_A.read_text()) | _shown_keys(NODE_B.read_text())
     assert expected - shown == set(), "keys the examples do not show"

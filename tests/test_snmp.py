@@ -349,7 +349,7 @@ async def test_a_silent_unit_degrades_then_goes_down_and_recovery_is_automatic(e
     assert emu.model.map == {1: 17}
 
 
-async def test_slow_answers_within_the_timeout_work_and_beyond_it_fail(emu, switch):
+async def test_switch_slow_answers_within_the_timeout_work_and_beyond_it_fail(emu, switch):
     sw = switch()
     emu.model.map = {2: 18}
     emu.faults.delay = 0.1
@@ -670,7 +670,7 @@ async def test_garbage_values_are_alarms_naming_what_came_back(qkd, source, mode
     await back_to_normal(src, qkd)
 
 
-async def test_slow_answers_within_the_timeout_work_and_beyond_it_fail(qkd, source):
+async def test_telemetry_slow_answers_within_the_timeout_work_and_beyond_it_fail(qkd, source):
     src = source()
     qkd.faults.delay = 0.1
     assert (await src.telemetry()).qber is not None and src.health.state == "up"
