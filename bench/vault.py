@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from qkdnode.vault import Vault
+from qkdnode.vault import Vault, new_key_id
 
 LINK = "A-B"
 KEY_BYTES = 32
@@ -34,17 +34,20 @@ async def one_run(directory: Path, max_group: int, requesters: int, seconds: flo
     vault = Vault(db, os.urandom(32), max_group=max_group)
     await asyncio.to_thread(vault.open, True)
     try:
-        # 1 MiB of ready key in blocks of 512 bits, as a vendor KME delivers them: every other
-        # hand-out finishes a block (row deleted), the others cut one (row re-sealed).
-        await vault.run(vault.add_blocks, LINK, [(str(uuid.uuid4()), os.urandom(64)) for _ in range(16384)],
-                        "ready")
+        # Ready key in blocks of 512 bits, as a vendor KME delivers them (every other hand-out
+        # finishes a block: row deleted; the others cut one: row re-sealed), enough for 40,000
+        # hand-outs a second: a run that exhausts the pool fails rather than measure refusals.
+        blocks = max(16384, int(seconds * 20_000))
+        for i in range(0, blocks, 8192):
+            await vault.run(vault.add_blocks, LINK,
+                            [(str(uuid.uuid4()), os.urandom(64)) for _ in range(min(8192, blocks - i))], "ready")
         latencies: list[float] = []
         deadline = time.perf_counter() + seconds
 
         async def requester() -> None:
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
-                await vault.run(vault.carve, LINK, [str(uuid.uuid4())], KEY_BYTES, "sae-a", ["sae-b"], True)
+                await vault.run(vault.carve, LINK, [new_key_id()], KEY_BYTES, "sae-a", ["sae-b"], True)
                 latencies.append(time.perf_counter() - t0)
 
         start = time.perf_counter()

@@ -21,7 +21,6 @@ import hmac
 import logging
 import secrets
 import time
-import uuid
 from hashlib import sha256
 
 from qkdnode import native
@@ -38,7 +37,7 @@ from qkdnode.errors import (
 from qkdnode.interfaces import KeySource
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import BadMessage, PeerClient, field, ranges_of
-from qkdnode.vault import HandOut, Vault
+from qkdnode.vault import HandOut, Vault, new_key_id
 
 log = logging.getLogger("qkdnode.links")
 
@@ -306,7 +305,7 @@ class LinkPool:
         """Keys for a master SAE at this node and slave SAEs at the peer node, durable at both."""
         nbytes = size_bits // 8
         if self.cfg.is_master:
-            key_ids = [str(uuid.uuid4()) for _ in range(number)]
+            key_ids = [new_key_id() for _ in range(number)]
             message = {"master": master, "slaves": slaves, "size": size_bits}
             handouts = await self.vault.run(self.vault.carve, self.cfg.id, key_ids, nbytes, master, slaves, False,
                                             message)
@@ -349,7 +348,7 @@ class LinkPool:
         number, size = field(body, "number", int), field(body, "size", int)
         if number < 1 or size < 8 or size % 8:
             raise BadMessage("number >= 1 and size a positive multiple of 8 expected")
-        key_ids = [str(uuid.uuid4()) for _ in range(number)]
+        key_ids = [new_key_id() for _ in range(number)]
         handouts = await self.vault.run(self.vault.carve, self.cfg.id, key_ids, size // 8, master, slaves, True)
         await self.refresh_gauge()
         return {"keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}

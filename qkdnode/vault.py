@@ -23,6 +23,7 @@ Lifecycle, all transitions in this module:
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import json
 import logging
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import sqlite_utils
+from json.encoder import encode_basestring_ascii as _jstr  # json.dumps' own string encoder (C)
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -143,8 +145,36 @@ def _free(size: int, carved: list[list[int]]) -> list[tuple[int, int]]:
     return free
 
 
+def new_key_id() -> str:
+    """A fresh key_ID: a UUID of version 7 (RFC 9562), 48 bits of Unix time in ms and 74 random
+    bits. Time-ordered IDs land next to each other in the vault's indexes, so a group commit
+    writes a few index pages rather than one random page per key (key_IDs are not secret)."""
+    r = int.from_bytes(os.urandom(10), "big")
+    h = "%012x7%03x%04x%012x" % (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF, r >> 68 & 0xFFF,
+                                 0x8000 | (r >> 48 & 0x3FFF), r & 0xFFFF_FFFF_FFFF)  # version 7, variant 10
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def _zero(buf: bytearray) -> None:
     buf[:] = bytes(len(buf))
+
+
+class _Redo(Exception):
+    """An operation of a group failed without savepoints: run the group again, the careful way."""
+
+
+# Operations that read or write only the database (and their arguments): safe to undo and run
+# again when a group is re-run. Any other operation (key rotation, export) runs in a group of
+# its own, under a savepoint, exactly once.
+_RERUNNABLE = frozenset({
+    "add_blocks", "pending_blocks", "ready_block_ids", "settle_blocks", "free_bytes", "held_bytes", "carve",
+    "apply_carve", "store_relayed", "record_issued", "discard_key", "deliver", "outbox_items", "outbox_done",
+    "outbox_to_discard", "pool_bits", "counts", "prune_audit",
+})
+
+
+def _rerunnable(op: Callable) -> bool:
+    return isinstance(getattr(op, "__self__", None), Vault) and op.__name__ in _RERUNNABLE
 
 
 @dataclass(frozen=True)
@@ -176,7 +206,8 @@ class Vault:
         self._keys: dict[int, AESGCM] = {}   # data key generation -> cipher
         self._active = 0                     # generation that seals new rows
         self._conn: sqlite3.Connection | None = None
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue()  # lists of (op, args, future), None to stop
+        self._submitted: dict[asyncio.AbstractEventLoop, list] = {}  # per event loop, not yet queued
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
         self.max_group = max_group
@@ -324,8 +355,8 @@ class Vault:
     # A sealed value is: data key generation (4 bytes) | nonce (12) | AES-256-GCM ciphertext and tag.
 
     def _seal(self, aad: bytes, data: bytes | bytearray) -> bytes:
-        nonce = secrets.token_bytes(_NONCE)
-        return self._active.to_bytes(4, "big") + nonce + self._keys[self._active].encrypt(nonce, bytes(data), aad)
+        nonce = os.urandom(_NONCE)
+        return self._active.to_bytes(4, "big") + nonce + self._keys[self._active].encrypt(nonce, data, aad)
 
     def _open(self, aad: bytes, blob: bytes, what: str) -> bytearray:
         cipher = self._keys.get(int.from_bytes(blob[:4], "big"))
@@ -336,13 +367,17 @@ class Vault:
         except InvalidTag:
             raise SealBroken(f"{what} failed authentication: the row was altered, swapped or moved") from None
 
+    # The AAD is the JSON array json.dumps() makes of these fields (rows sealed by earlier versions
+    # must still open); written out by hand because json.dumps costs several microseconds a call.
     @staticmethod
     def _block_aad(link: str, block_id: str, state: str, size: int, carved: str) -> bytes:
-        return json.dumps(["blocks", link, block_id, state, size, carved]).encode()
+        return (f'["blocks", {_jstr(link)}, {_jstr(block_id)}, {_jstr(state)}, {int(size)}, '
+                f'{_jstr(carved)}]').encode()
 
     @staticmethod
     def _key_aad(key_id: str, link: str, master: str, slaves: str, pending: str, size_bits: int) -> bytes:
-        return json.dumps(["keys", key_id, link, master, slaves, pending, size_bits]).encode()
+        return (f'["keys", {_jstr(key_id)}, {_jstr(link)}, {_jstr(master)}, {_jstr(slaves)}, {_jstr(pending)}, '
+                f'{int(size_bits)}]').encode()
 
     # -- the writer thread (group commit)
 
@@ -350,43 +385,61 @@ class Vault:
         """Run op(*args) in the writer thread inside a group transaction; return after COMMIT."""
         if self._thread is None:
             raise VaultError("vault is not open")
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.put((op, args, fut))
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        # Operations submitted in one turn of the event loop reach the writer together (one queue
+        # item, one wake-up): tasks resumed by one commit then share the next one, instead of the
+        # writer waking on the first of them and committing it alone.
+        pending = self._submitted.get(loop)
+        if pending is None:
+            pending = self._submitted[loop] = []
+            loop.call_soon(self._submit, loop)
+        pending.append((op, args, fut))
         return await fut
+
+    def _submit(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.put(self._submitted.pop(loop))
 
     def _writer(self) -> None:
         conn = self._conn
+        backlog: collections.deque = collections.deque()  # operations taken from the queue, not yet run
+        stop = False
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < self.max_group:
+            if not backlog and not stop:
+                item = self._queue.get()
+                if item is None:
+                    stop = True
+                else:
+                    backlog.extend(item)
+            while not stop:
                 try:
-                    nxt = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
+                if item is None:
                     stop = True
-                    break
-                batch.append(nxt)
-            outcomes = []
+                else:
+                    backlog.extend(item)
+            if not backlog:
+                return
+            batch = [backlog.popleft()]
+            if _rerunnable(batch[0][0]):
+                while backlog and len(batch) < self.max_group and _rerunnable(backlog[0][0]):
+                    batch.append(backlog.popleft())
             started = time.perf_counter()
             try:
                 # Deferred: a read-only group (`vault check` beside the daemon) takes no write lock.
                 # Writers never race: the vault's lock file admits one writing process.
                 conn.execute("BEGIN")
-                for op, args, fut in batch:
-                    conn.execute("SAVEPOINT op")
+                if len(batch) > 1:
                     try:
-                        result = op(*args)
-                        conn.execute("RELEASE op")
-                        outcomes.append((fut, result, None))
-                    except Exception as exc:  # the op's own failure: undo just its writes
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
-                        outcomes.append((fut, None, exc))
+                        outcomes = self._run_group(batch)
+                    except _Redo:  # an operation failed half-way: undo the lot, then one savepoint each
+                        conn.execute("ROLLBACK")
+                        conn.execute("BEGIN")
+                        outcomes = self._run_each(batch)
+                else:
+                    outcomes = self._run_each(batch)
                 conn.execute("COMMIT")
                 if self.on_commit:
                     self.on_commit(len(batch), time.perf_counter() - started)
@@ -404,8 +457,48 @@ class Vault:
                     loop.call_soon_threadsafe(_resolve, group)
                 except RuntimeError:  # that loop is closed: nobody waits for these answers any more
                     pass
-            if stop:
-                return
+
+    def _run_each(self, batch: list) -> list:
+        """Each operation under its own savepoint, so that one failure undoes only its own writes."""
+        conn, outcomes = self._conn, []
+        for op, args, fut in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                result = op(*args)
+                conn.execute("RELEASE op")
+                outcomes.append((fut, result, None))
+            except Exception as exc:  # the op's own failure: undo just its writes
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                outcomes.append((fut, None, exc))
+        return outcomes
+
+    def _run_group(self, batch: list) -> list:
+        """The fast way: no savepoints, and runs of hand-outs from one link cut in one pass. Any
+        operation that raises (it may have written part of its changes) makes the writer undo the
+        whole group and run it again the careful way (`_run_each`); a hand-out refused for lack of
+        key is not such a failure: it is refused before it writes anything."""
+        outcomes, i = [], 0
+        while i < len(batch):
+            op, args, fut = batch[i]
+            if getattr(op, "__func__", None) is Vault.carve and getattr(op, "__self__", None) is self:
+                j = i + 1
+                while j < len(batch) and getattr(batch[j][0], "__func__", None) is Vault.carve and \
+                        batch[j][0].__self__ is self and batch[j][1][0] == args[0]:
+                    j += 1
+                try:
+                    results = self._carve_many(args[0], [(*a[1:], None)[:6] for _, a, _ in batch[i:j]])
+                except Exception:
+                    raise _Redo from None
+                outcomes.extend((f, *r) for (_, _, f), r in zip(batch[i:j], results))
+                i = j
+                continue
+            try:
+                outcomes.append((fut, op(*args), None))
+            except Exception:
+                raise _Redo from None
+            i += 1
+        return outcomes
 
     def _audit(self, event: str, key_id: str | None, sae: str | None, link: str | None,
                size_bits: int | None, detail: str = "") -> None:
@@ -483,18 +576,23 @@ class Vault:
 
     # ------------------------------------------------------------ carving keys out of blocks
 
-    def _take(self, link: str, pieces: dict[str, list[tuple[int, int]]]) -> dict[tuple[str, int, int], bytes]:
+    def _take(self, link: str, pieces: dict[str, list[tuple[int, int]]],
+              rows: dict[str, tuple[int, str, bytes]] | None = None) -> dict[tuple[str, int, int], bytes]:
         """Cut the given byte ranges out of ready blocks: return their bits, zero them in the
-        stored block (re-sealed, bound to the new bookkeeping), delete blocks used up."""
+        stored block (re-sealed, bound to the new bookkeeping), delete blocks used up. `rows`:
+        (size, carved, sealed) of ready blocks the caller has just read."""
         out: dict[tuple[str, int, int], bytes] = {}
+        gone: list[tuple[str, str]] = []
         for bid, ranges in pieces.items():
-            row = self._conn.execute(
-                "SELECT size, carved, sealed FROM blocks WHERE link=? AND block_id=? AND state='ready'",
-                (link, bid)).fetchone()
+            row = rows.get(bid) if rows is not None else None
+            if row is None:
+                row = self._conn.execute(
+                    "SELECT size, carved, sealed FROM blocks WHERE link=? AND block_id=? AND state='ready'",
+                    (link, bid)).fetchone()
             if row is None:
                 raise CarveConflict(f"link {link}: block {bid} is not a ready block of this node")
             size, carved_json, sealed = row
-            carved = json.loads(carved_json)
+            carved = json.loads(carved_json) if carved_json != "[]" else []
             for s, e in ranges:
                 if not (0 <= s < e <= size) or any(s < ce and cs < e for cs, ce in carved):
                     raise CarveConflict(f"link {link}: bytes {s}..{e} of block {bid} are used or out of range")
@@ -505,43 +603,52 @@ class Vault:
             new_carved = _merge([tuple(c) for c in carved] + list(ranges))
             free = size - sum(e - s for s, e in new_carved)
             if free == 0:
-                self._conn.execute("DELETE FROM blocks WHERE link=? AND block_id=?", (link, bid))
+                gone.append((link, bid))
             else:
                 cj = json.dumps(new_carved)
                 self._conn.execute(
                     "UPDATE blocks SET carved=?, free=?, sealed=? WHERE link=? AND block_id=?",
                     (cj, free, self._seal(self._block_aad(link, bid, "ready", size, cj), bits), link, bid))
             _zero(bits)
+        if gone:
+            self._conn.executemany("DELETE FROM blocks WHERE link=? AND block_id=?", gone)
         return out
 
     def _record(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
-                slaves: list[str], store: bool, outbox_message: dict | None) -> list[HandOut]:
-        pieces: dict[str, list[tuple[int, int]]] = {}
-        for key_ranges in ranges:
-            for bid, s, e in key_ranges:
-                pieces.setdefault(bid, []).append((s, e))
-        taken = self._take(link, pieces)
+                slaves: list[str], store: bool, outbox_message: dict | None,
+                taken: dict[tuple[str, int, int], bytes] | None = None) -> list[HandOut]:
+        if taken is None:
+            pieces: dict[str, list[tuple[int, int]]] = {}
+            for key_ranges in ranges:
+                for bid, s, e in key_ranges:
+                    pieces.setdefault(bid, []).append((s, e))
+            taken = self._take(link, pieces)
         slaves_json = json.dumps(sorted(slaves))
         now = time.time()
-        result = []
+        size_bits = nbytes * 8
+        result, key_rows, audit_rows, outbox_rows = [], [], [], []
+        event = "key_stored" if store else "key_issued"
         for key_id, key_ranges in zip(key_ids, ranges):
             bits = b"".join(taken[(bid, s, e)] for bid, s, e in key_ranges)
             if len(bits) != nbytes:
                 raise CarveConflict(f"key {key_id}: pieces add up to {len(bits)} bytes, expected {nbytes}")
             if store:  # this node serves the slaves: keep the bits, sealed, until each has fetched them
-                aad = self._key_aad(key_id, link, master, slaves_json, slaves_json, nbytes * 8)
-                self._conn.execute(
-                    "INSERT INTO keys (key_id, link, master_sae, slaves, pending, size_bits, sealed, created) "
-                    "VALUES (?,?,?,?,?,?,?,?)",
-                    (key_id, link, master, slaves_json, slaves_json, nbytes * 8, self._seal(aad, bits), now))
-                self._audit("key_stored", key_id, master, link, nbytes * 8, slaves_json)
-            else:  # this node serves the master SAE, which gets the bits in the answer
-                self._audit("key_issued", key_id, master, link, nbytes * 8, slaves_json)
+                aad = self._key_aad(key_id, link, master, slaves_json, slaves_json, size_bits)
+                key_rows.append((key_id, link, master, slaves_json, slaves_json, size_bits, self._seal(aad, bits), now))
+            # else this node serves the master SAE, which gets the bits in the answer: audit only
+            audit_rows.append((now, event, key_id, master, link, size_bits, slaves_json))
             if outbox_message is not None:
                 msg = dict(outbox_message, key_ID=key_id, ranges=key_ranges)
-                self._conn.execute("INSERT INTO outbox (key_id, link, kind, message, created) VALUES (?,?,?,?,?)",
-                                   (key_id, link, "keys", json.dumps(msg), now))
+                outbox_rows.append((key_id, link, "keys", json.dumps(msg), now))
             result.append(HandOut(key_id, key_ranges, bits))
+        c = self._conn
+        if key_rows:
+            c.executemany("INSERT INTO keys (key_id, link, master_sae, slaves, pending, size_bits, sealed, created) "
+                          "VALUES (?,?,?,?,?,?,?,?)", key_rows)
+        c.executemany("INSERT INTO audit (ts, event, key_id, sae, link, size_bits, detail) VALUES (?,?,?,?,?,?,?)",
+                      audit_rows)
+        if outbox_rows:
+            c.executemany("INSERT INTO outbox (key_id, link, kind, message, created) VALUES (?,?,?,?,?)", outbox_rows)
         return result
 
     def carve(self, link: str, key_ids: list[str], nbytes: int, master: str, slaves: list[str], store: bool,
@@ -549,28 +656,77 @@ class Vault:
         """Allocate fresh keys from the oldest ready key of a link (the link's master node does
         this, and only it, so the two ends never hand out the same bits). All or nothing: with
         too little ready key, raises PoolExhausted and changes nothing."""
-        rows = self._conn.execute(
-            "SELECT block_id, size, carved FROM blocks WHERE link=? AND state='ready' ORDER BY created, rowid",
+        ((result, exc),) = self._carve_many(link, [(key_ids, nbytes, master, slaves, store, outbox)])
+        if exc is not None:
+            raise exc
+        return result
+
+    def _carve_many(self, link: str, calls: list[tuple]) -> list[tuple[list[HandOut] | None, Exception | None]]:
+        """Several `carve` calls on one link in one pass, as if run one after the other: one scan
+        of the ready blocks, each block opened and re-sealed (or deleted) once. A call that finds
+        too little key left gets PoolExhausted and takes nothing; the others are unaffected."""
+        cur = self._conn.execute(
+            "SELECT block_id, size, carved, sealed FROM blocks WHERE link=? AND state='ready' ORDER BY created, rowid",
             (link,))
-        ranges: list[list[Range]] = []
-        current: list[Range] = []
-        want = nbytes
-        for bid, size, carved in rows:
-            for s, e in _free(size, json.loads(carved)):
-                while s < e and len(ranges) < len(key_ids):
-                    n = min(want, e - s)
-                    current.append((bid, s, s + n))
-                    s += n
+        rows: dict[str, tuple[int, str, bytes]] = {}
+        free: list[tuple[str, int, int]] = []   # free byte ranges of the blocks read so far, oldest first
+        at, offset = 0, 0                       # the first free byte not yet allocated: free[at], offset into it
+        exhausted = False
+        planned: list[list[list[Range]] | None] = []
+        allocated = 0
+        refused_at: list[int] = []              # bytes allocated before each refused call
+        for key_ids, nbytes, *_ in calls:
+            need = nbytes * len(key_ids)
+            keys: list[list[Range]] = []
+            a, o = at, offset
+            while len(keys) < len(key_ids):
+                current: list[Range] = []
+                want = nbytes
+                while want:
+                    while a == len(free) and not exhausted:  # read the next ready block
+                        row = cur.fetchone()
+                        if row is None:
+                            exhausted = True
+                            break
+                        bid, size, carved, sealed = row
+                        rows[bid] = (size, carved, sealed)
+                        free.extend((bid, s, e) for s, e in _free(size, json.loads(carved) if carved != "[]" else []))
+                    if a == len(free):
+                        break
+                    bid, s, e = free[a]
+                    n = min(want, e - s - o)
+                    current.append((bid, s + o, s + o + n))
                     want -= n
-                    if want == 0:
-                        ranges.append(current)
-                        current, want = [], nbytes
-            if len(ranges) == len(key_ids):
-                break
-        else:  # ran out of ready blocks before the request was covered; nothing was written yet
-            raise PoolExhausted(f"link {link}: {nbytes * len(key_ids) * 8} bits asked, "
-                                f"{self.free_bytes(link) * 8} ready")
-        return self._record(link, key_ids, ranges, nbytes, master, slaves, store, outbox)
+                    o += n
+                    if s + o == e:
+                        a, o = a + 1, 0
+                if want:
+                    break
+                keys.append(current)
+            if len(keys) < len(key_ids):
+                planned.append(None)
+                refused_at.append(allocated)
+                continue
+            at, offset = a, o
+            allocated += need
+            planned.append(keys)
+        cur.close()
+        pieces: dict[str, list[tuple[int, int]]] = {}
+        for keys in planned:
+            for key_ranges in keys or ():
+                for bid, s, e in key_ranges:
+                    pieces.setdefault(bid, []).append((s, e))
+        taken = self._take(link, pieces, rows) if pieces else {}
+        out: list[tuple[list[HandOut] | None, Exception | None]] = []
+        ready_before = self.free_bytes(link) + allocated if refused_at else 0
+        refused = iter(refused_at)
+        for (key_ids, nbytes, master, slaves, store, outbox), keys in zip(calls, planned):
+            if keys is None:
+                out.append((None, PoolExhausted(f"link {link}: {nbytes * len(key_ids) * 8} bits asked, "
+                                                f"{(ready_before - next(refused)) * 8} ready")))
+                continue
+            out.append((self._record(link, key_ids, keys, nbytes, master, slaves, store, outbox, taken), None))
+        return out
 
     def apply_carve(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
                     slaves: list[str], store: bool) -> list[HandOut]:
