@@ -41,6 +41,8 @@ from qkdnode.vault import HandOut, Vault, new_key_id
 
 log = logging.getLogger("qkdnode.links")
 
+MAX_BATCH = 256              # hand-out requests cut and pushed together at most
+MAX_BATCHES_IN_FLIGHT = 2    # one batch is cut while the one before it is pushed
 OUTBOX_RETRY_AFTER = 5.0  # seconds a pushed hand-out may stay unconfirmed before the retry loop sends it again
 
 
@@ -67,6 +69,9 @@ class LinkPool:
         self._tasks: list[asyncio.Task] = []
         self._offer_lock = asyncio.Lock()
         self._confirmed: list[str] = []  # outbox entries the peer acknowledged, removed lazily
+        self._waiting: list[tuple] = []  # hand-out requests not yet in a batch (master end)
+        self._in_flight = 0
+        self._batch_tasks: set[asyncio.Task] = set()
         self.device_ok = False
         self.ready_bits = 0        # as of the last gauge refresh
         self.ingest_bps = 0.0      # agreed key per second, smoothed (routing weighs links by it)
@@ -115,8 +120,8 @@ class LinkPool:
         self.metrics.driver_up.labels(self.cfg.id).set(1 if ok else 0)
 
     async def refresh_gauge(self) -> int:
-        """Update the pool gauges; returns the ready bytes."""
-        bits = await self.vault.run(self.vault.pool_bits, self.cfg.id)
+        """Update the pool gauges; returns the ready bytes (as of the vault's last commit)."""
+        bits = self.vault.committed_pool_bits(self.cfg.id)
         for state, n in bits.items():
             self.metrics.pool_bits.labels(self.cfg.id, state).set(n)
         self.metrics.pool_ready_bits.labels(self.cfg.id).set(bits["ready"])
@@ -305,18 +310,12 @@ class LinkPool:
         """Keys for a master SAE at this node and slave SAEs at the peer node, durable at both."""
         nbytes = size_bits // 8
         if self.cfg.is_master:
-            key_ids = [new_key_id() for _ in range(number)]
-            message = {"master": master, "slaves": slaves, "size": size_bits}
-            handouts = await self.vault.run(self.vault.carve, self.cfg.id, key_ids, nbytes, master, slaves, False,
-                                            message)
-            push = dict(message, keys=[{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts])
-            try:
-                await self.peer.call(self.cfg.id, "keys", push)
-            except (PeerUnavailable, PeerRejected, PoolExhausted) as exc:
-                await self.vault.run(self.vault.outbox_to_discard, key_ids)
-                raise PeerUnavailable(f"peer node {self.cfg.peer} could not take the keys ({exc}); "
-                                      "none were handed out") from None
-            self._confirmed.extend(key_ids)
+            # Requests that arrive while earlier ones are being cut and pushed wait and go together:
+            # one vault operation and one peer call for all of them (docs/performance.md).
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting.append((master, slaves, number, size_bits, fut))
+            self._start_batches()
+            return await fut
         else:
             answer = await self.peer.call(self.cfg.id, "allocate",
                                           {"master": master, "slaves": slaves, "number": number, "size": size_bits})
@@ -333,6 +332,96 @@ class LinkPool:
                 raise
         await self.refresh_gauge()
         return handouts
+
+    def _start_batches(self) -> None:
+        while self._waiting and self._in_flight < MAX_BATCHES_IN_FLIGHT:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            self._in_flight += 1
+            task = asyncio.create_task(self._hand_out_batch(batch))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._batch_tasks.discard(task)
+        self._in_flight -= 1
+        self._start_batches()
+
+    async def _hand_out_batch(self, batch: list[tuple]) -> None:
+        """Master end: cut keys for several requests in one vault operation (with their outbox
+        rows), push them to the peer in one call, and answer each request. A request the pool
+        cannot cover fails alone (PoolExhausted); one the peer refuses fails alone; if the push
+        fails, every request of the batch fails and none of their keys is handed out."""
+        try:
+            calls = []
+            for master, slaves, number, size_bits, _ in batch:
+                message = {"master": master, "slaves": slaves, "size": size_bits}
+                calls.append(([new_key_id() for _ in range(number)], size_bits // 8, master, slaves, False, message))
+            carved = await self.vault.run(self.vault.carve_batch, self.cfg.id, calls)
+            pushed = []  # (request, its hand-outs, its push message)
+            for (master, slaves, number, size_bits, fut), (handouts, exc) in zip(batch, carved):
+                if exc is not None:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                    continue
+                push = {"master": master, "slaves": slaves, "size": size_bits,
+                        "keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
+                pushed.append((fut, handouts, push))
+            if not pushed:
+                return
+            refused = await self._push(pushed)
+            discard = [h.key_ID for i, (_, handouts, _) in enumerate(pushed) if i in refused for h in handouts]
+            if discard:
+                await self.vault.run(self.vault.outbox_to_discard, discard)
+            await self.refresh_gauge()
+            for i, (fut, handouts, _) in enumerate(pushed):
+                if i in refused:
+                    exc = PeerUnavailable(f"peer node {self.cfg.peer} could not take the keys ({refused[i]}); "
+                                          "none were handed out")
+                    if not fut.done():
+                        fut.set_exception(exc)
+                    continue
+                self._confirmed.extend(h.key_ID for h in handouts)
+                if not fut.done():
+                    fut.set_result(handouts)
+        except BaseException as exc:  # anything else: no request of the batch may wait for ever
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else PeerUnavailable("stopping"))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _push(self, pushed: list[tuple]) -> dict[int, Exception]:
+        """Send the cut keys of several requests to the peer; returns the ones it did not take."""
+        if len(pushed) == 1:
+            try:
+                await self.peer.call(self.cfg.id, "keys", pushed[0][2])
+                return {}
+            except (PeerUnavailable, PeerRejected, PoolExhausted) as exc:
+                return {0: exc}
+        try:
+            answer = await self.peer.call(self.cfg.id, "keys", {"batch": [p for _, _, p in pushed]})
+        except PeerRejected as exc:
+            if exc.answer.get("message", "").startswith("field 'master'"):  # a peer without batches
+                return await self._push_one_by_one(pushed)
+            return {i: exc for i in range(len(pushed))}
+        except (PeerUnavailable, PoolExhausted) as exc:
+            return {i: exc for i in range(len(pushed))}
+        results = answer.get("results")
+        if not isinstance(results, list) or len(results) != len(pushed):
+            exc = PeerRejected(f"peer node {self.cfg.peer}: a batch of {len(pushed)} pushes answered without "
+                               "one result each")
+            return {i: exc for i in range(len(pushed))}
+        return {i: PeerRejected(f"peer node {self.cfg.peer}: {r.get('error') if isinstance(r, dict) else r}")
+                for i, r in enumerate(results) if not (isinstance(r, dict) and "stored" in r)}
+
+    async def _push_one_by_one(self, pushed: list[tuple]) -> dict[int, Exception]:
+        refused: dict[int, Exception] = {}
+        for i, (_, _, push) in enumerate(pushed):
+            try:
+                await self.peer.call(self.cfg.id, "keys", push)
+            except (PeerUnavailable, PeerRejected, PoolExhausted) as exc:
+                refused[i] = exc
+        return refused
 
     async def _discard_at_peer(self, items: list[dict], reason: str) -> None:
         try:
@@ -354,9 +443,13 @@ class LinkPool:
         return {"keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
 
     async def on_keys(self, body: dict) -> dict:
-        """The link's master node cut keys for its SAE; keep the same bits for our slave SAEs."""
+        """The link's master node cut keys for its SAE; keep the same bits for our slave SAEs.
+        A body with `batch` carries several such messages: each is checked and stored on its own
+        (one vault operation for all), and answered in `results` ({"stored": n} or {"error": ...})."""
         if self.cfg.is_master:
             raise BadMessage(f"node {self.node_id} is the master end of link {self.cfg.id}; it cuts its own keys")
+        if "batch" in body:
+            return await self._on_keys_batch(field(body, "batch", list))
         (master, slaves), size = self._parties(body), field(body, "size", int)
         items = field(body, "keys", list)
         if size < 8 or size % 8:
@@ -367,6 +460,31 @@ class LinkPool:
                                       slaves, True)
         await self.refresh_gauge()
         return {"stored": len(stored)}
+
+    async def _on_keys_batch(self, batch: list) -> dict:
+        results: list[dict | None] = [None] * len(batch)
+        calls, at = [], []
+        for i, body in enumerate(batch):
+            try:
+                if not isinstance(body, dict):
+                    raise BadMessage("each message of a batch is an object")
+                (master, slaves), size = self._parties(body), field(body, "size", int)
+                items = field(body, "keys", list)
+                if size < 8 or size % 8:
+                    raise BadMessage("size must be a positive multiple of 8")
+                key_ids = [field(k, "key_ID", str) if isinstance(k, dict) else "" for k in items]
+                calls.append((key_ids, [ranges_of(k) for k in items], size // 8, master, slaves, True))
+                at.append(i)
+            except BadMessage as exc:
+                results[i] = {"error": str(exc)}
+        if calls:
+            stored = await self.vault.run(self.vault.apply_carve_batch, self.cfg.id, calls)
+            for i, (n, exc) in zip(at, stored):
+                if exc is not None:
+                    log.error("link %s: %s", self.cfg.id, exc)
+                results[i] = {"stored": n} if exc is None else {"error": str(exc)}
+        await self.refresh_gauge()
+        return {"results": results}
 
     async def on_discard(self, body: dict) -> dict:
         reason = str(body.get("reason", "hand-out failed"))[:200]

@@ -44,7 +44,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qkdnode.config import VaultConfig
-from qkdnode.errors import CarveConflict, NotYourKey, PoolExhausted, SealBroken, UnknownKey, VaultError
+from qkdnode.errors import (CarveConflict, NotYourKey, PoolExhausted, QkdnodeError, SealBroken, UnknownKey,
+                            VaultError)
 
 log = logging.getLogger("qkdnode.vault")
 
@@ -168,7 +169,7 @@ class _Redo(Exception):
 # its own, under a savepoint, exactly once.
 _RERUNNABLE = frozenset({
     "add_blocks", "pending_blocks", "ready_block_ids", "settle_blocks", "free_bytes", "held_bytes", "carve",
-    "apply_carve", "store_relayed", "record_issued", "discard_key", "deliver", "outbox_items", "outbox_done",
+    "carve_batch", "apply_carve", "apply_carve_batch", "store_relayed", "record_issued", "discard_key", "deliver", "outbox_items", "outbox_done",
     "outbox_to_discard", "pool_bits", "counts", "prune_audit",
 })
 
@@ -211,6 +212,10 @@ class Vault:
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
         self.max_group = max_group
+        # Bytes of key per (link, block state): committed, and the change the open transaction made.
+        # Kept here because summing `free` over every block of a large pool costs milliseconds.
+        self._totals: dict[tuple[str, str], int] = {}
+        self._delta: dict[tuple[str, str], int] = {}
         self.on_commit = on_commit
         self.vault_id = ""
 
@@ -240,6 +245,8 @@ class Vault:
                     raise VaultError(f"{self.path} is an SQLite file but not a qkdnode vault")
                 self._create_schema(db)
             self._unlock(conn)
+            self._totals = {(link, state): free for link, state, free in
+                            conn.execute("SELECT link, state, SUM(free) FROM blocks GROUP BY link, state")}
         except sqlite3.DatabaseError as exc:
             conn.close()
             self._release_lock()
@@ -430,17 +437,21 @@ class Vault:
             try:
                 # Deferred: a read-only group (`vault check` beside the daemon) takes no write lock.
                 # Writers never race: the vault's lock file admits one writing process.
+                self._delta = {}
                 conn.execute("BEGIN")
                 if len(batch) > 1:
                     try:
                         outcomes = self._run_group(batch)
                     except _Redo:  # an operation failed half-way: undo the lot, then one savepoint each
                         conn.execute("ROLLBACK")
+                        self._delta = {}
                         conn.execute("BEGIN")
                         outcomes = self._run_each(batch)
                 else:
                     outcomes = self._run_each(batch)
                 conn.execute("COMMIT")
+                for k, n in self._delta.items():
+                    self._totals[k] = self._totals.get(k, 0) + n
                 if self.on_commit:
                     self.on_commit(len(batch), time.perf_counter() - started)
             except Exception as exc:  # the commit itself failed: nothing of the group is durable
@@ -463,6 +474,7 @@ class Vault:
         conn, outcomes = self._conn, []
         for op, args, fut in batch:
             conn.execute("SAVEPOINT op")
+            delta = dict(self._delta)
             try:
                 result = op(*args)
                 conn.execute("RELEASE op")
@@ -470,6 +482,7 @@ class Vault:
             except Exception as exc:  # the op's own failure: undo just its writes
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
+                self._delta = delta
                 outcomes.append((fut, None, exc))
         return outcomes
 
@@ -513,20 +526,26 @@ class Vault:
     def add_blocks(self, link: str, blocks: list[tuple[str, bytes]], state: str) -> list[str]:
         """Store link key blocks as `pending` (master, before the peer confirmed) or `ready`.
         Blocks already held are left as they are; returns the IDs newly stored."""
-        added, now = [], time.time()
+        added, audit, total, now = [], [], 0, time.time()
+        insert = "INSERT OR IGNORE INTO blocks (link, block_id, state, size, free, carved, sealed, created) " \
+                 "VALUES (?,?,?,?,?,?,?,?)"
         for block_id, bits in blocks:
-            if self._conn.execute("SELECT 1 FROM blocks WHERE link=? AND block_id=?", (link, block_id)).fetchone():
-                continue
             size = len(bits)
             sealed = self._seal(self._block_aad(link, block_id, state, size, "[]"), bits)
-            self._conn.execute(
-                "INSERT INTO blocks (link, block_id, state, size, free, carved, sealed, created) VALUES (?,?,?,?,?,?,?,?)",
-                (link, block_id, state, size, size, "[]", sealed, now),
-            )
+            if not self._conn.execute(insert, (link, block_id, state, size, size, "[]", sealed, now)).rowcount:
+                continue  # held already
             added.append(block_id)
+            total += size
             if state == "ready":
-                self._audit("block_ready", None, None, link, size * 8, block_id)
+                audit.append((now, "block_ready", None, None, link, size * 8, block_id))
+        if audit:
+            self._conn.executemany(
+                "INSERT INTO audit (ts, event, key_id, sae, link, size_bits, detail) VALUES (?,?,?,?,?,?,?)", audit)
+        self._count(link, state, total)
         return added
+
+    def _count(self, link: str, state: str, nbytes: int) -> None:
+        self._delta[link, state] = self._delta.get((link, state), 0) + nbytes
 
     def pending_blocks(self, link: str) -> list[tuple[str, bytearray]]:
         rows = self._conn.execute(
@@ -558,21 +577,28 @@ class Vault:
                 "UPDATE blocks SET state='ready', sealed=? WHERE link=? AND block_id=?",
                 (self._seal(self._block_aad(link, bid, "ready", size, carved), bits), link, bid))
             _zero(bits)
+            self._count(link, "pending", -size)
+            self._count(link, "ready", size)
             self._audit("block_ready", None, None, link, size * 8, bid)
         for bid, reason in discard.items():
-            cur = self._conn.execute("DELETE FROM blocks WHERE link=? AND block_id=? AND state='pending'", (link, bid))
-            if cur.rowcount:
-                self._audit("block_discarded", None, None, link, None, f"{bid}: {reason}")
+            row = self._conn.execute("SELECT free FROM blocks WHERE link=? AND block_id=? AND state='pending'",
+                                     (link, bid)).fetchone()
+            if row is None:
+                continue
+            self._conn.execute("DELETE FROM blocks WHERE link=? AND block_id=? AND state='pending'", (link, bid))
+            self._count(link, "pending", -row[0])
+            self._audit("block_discarded", None, None, link, None, f"{bid}: {reason}")
+
+    def _bytes(self, link: str, state: str) -> int:
+        """In the writer thread: as this transaction sees it so far."""
+        return self._totals.get((link, state), 0) + self._delta.get((link, state), 0)
 
     def free_bytes(self, link: str) -> int:
-        row = self._conn.execute("SELECT COALESCE(SUM(free), 0) FROM blocks WHERE link=? AND state='ready'",
-                                 (link,)).fetchone()
-        return row[0]
+        return self._bytes(link, "ready")
 
     def held_bytes(self, link: str) -> int:
         """Ready and pending key of a link: what the master counts against its pool target."""
-        row = self._conn.execute("SELECT COALESCE(SUM(free), 0) FROM blocks WHERE link=?", (link,)).fetchone()
-        return row[0]
+        return self._bytes(link, "ready") + self._bytes(link, "pending")
 
     # ------------------------------------------------------------ carving keys out of blocks
 
@@ -600,6 +626,7 @@ class Vault:
             for s, e in ranges:
                 out[(bid, s, e)] = bytes(bits[s:e])
                 bits[s:e] = bytes(e - s)
+            self._count(link, "ready", -sum(e - s for s, e in ranges))
             new_carved = _merge([tuple(c) for c in carved] + list(ranges))
             free = size - sum(e - s for s, e in new_carved)
             if free == 0:
@@ -726,6 +753,30 @@ class Vault:
                                                 f"{(ready_before - next(refused)) * 8} ready")))
                 continue
             out.append((self._record(link, key_ids, keys, nbytes, master, slaves, store, outbox, taken), None))
+        return out
+
+    def carve_batch(self, link: str, calls: list[tuple]) -> list[tuple[list[HandOut] | None, Exception | None]]:
+        """Several hand-outs of one link at once (the link pool batches concurrent requests):
+        `calls` are the arguments of `carve` after the link; each gets its hand-outs or its
+        exception (PoolExhausted), as if each had been a `carve` of its own, one after the other."""
+        return self._carve_many(link, [(*c, None)[:6] for c in calls])
+
+    def apply_carve_batch(self, link: str, calls: list[tuple]) -> list[tuple[int | None, Exception | None]]:
+        """`apply_carve` for several messages in one operation: `calls` are its arguments after
+        the link; each gets the number of keys it stored here, or the exception that refused it
+        (that message alone then changes nothing)."""
+        out: list[tuple[int | None, Exception | None]] = []
+        for args in calls:
+            self._conn.execute("SAVEPOINT message")
+            delta = dict(self._delta)
+            try:
+                out.append((len(self.apply_carve(link, *args)), None))
+                self._conn.execute("RELEASE message")
+            except QkdnodeError as exc:
+                self._conn.execute("ROLLBACK TO message")
+                self._conn.execute("RELEASE message")
+                self._delta = delta
+                out.append((None, exc))
         return out
 
     def apply_carve(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
@@ -963,8 +1014,11 @@ class Vault:
 
     def pool_bits(self, link: str) -> dict[str, int]:
         """Bits of a link's key at this node, by block state (for the metrics)."""
-        rows = self._conn.execute("SELECT state, SUM(free) FROM blocks WHERE link=? GROUP BY state", (link,))
-        return {"pending": 0, "ready": 0} | {state: free * 8 for state, free in rows}
+        return {state: self._bytes(link, state) * 8 for state in ("pending", "ready")}
+
+    def committed_pool_bits(self, link: str) -> dict[str, int]:
+        """As `pool_bits`, as of the last commit; cheap, and safe to call from the event loop."""
+        return {state: self._totals.get((link, state), 0) * 8 for state in ("pending", "ready")}
 
     def counts(self) -> dict[str, Any]:
         c = self._conn

@@ -20,6 +20,13 @@ def commits_of(v: Vault) -> list[int]:
     return sizes
 
 
+def pool_totals_agree(v: Vault) -> bool:
+    """The vault's running totals of key per link and state match the blocks table."""
+    sql = {state: free * 8 for state, free in
+           v._conn.execute("SELECT state, SUM(free) FROM blocks WHERE link=? GROUP BY state", (LINK,))}
+    return v.committed_pool_bits(LINK) == {"pending": 0, "ready": 0} | sql
+
+
 async def test_hand_outs_sharing_a_commit_are_cut_as_if_one_after_another(vault):
     blocks = await fill(vault, 2)                            # 64 bytes, oldest block first
     sizes = commits_of(vault)
@@ -37,6 +44,7 @@ async def test_hand_outs_sharing_a_commit_are_cut_as_if_one_after_another(vault)
     assert await vault.run(vault.free_bytes, LINK) == 0
     report = await vault.run(vault.check)
     assert report["failures"] == [] and report["keys"]["waiting"] == 3
+    assert pool_totals_agree(vault)
 
 
 async def test_an_operation_that_fails_half_way_undoes_only_its_own_writes(vault):
@@ -56,6 +64,7 @@ async def test_an_operation_that_fails_half_way_undoes_only_its_own_writes(vault
         await vault.run(vault.deliver, "sae-b", "sae-a", [k1])
     events = [e for (e,) in vault._conn.execute("SELECT event FROM audit WHERE key_id=?", (k2,))]
     assert events.count("key_delivered") == 1                # the undone attempt left no trace
+    assert pool_totals_agree(vault)
 
 
 async def test_a_data_key_rotation_never_shares_a_transaction_with_hand_outs(vault):
@@ -68,6 +77,7 @@ async def test_a_data_key_rotation_never_shares_a_transaction_with_hand_outs(vau
     while await vault.run(vault.reseal_batch, 3):
         pass
     assert (await vault.run(vault.check))["failures"] == []
+    assert pool_totals_agree(vault)
 
 
 def test_sealing_binds_rows_to_the_same_bytes_as_before():
@@ -88,3 +98,20 @@ def test_key_ids_are_time_ordered_uuids():
         u = uuid.UUID(k)
         assert str(u) == k and u.version == 7 and u.variant == uuid.RFC_4122
     assert all(earlier < k for k in ids)
+
+
+async def test_pool_totals_follow_agreement_and_survive_a_reopen(vault):
+    ids = new_ids(4)
+    await vault.run(vault.add_blocks, LINK, [(b, b"\1" * 32) for b in ids], "pending")
+    await vault.run(vault.add_blocks, LINK, [(ids[0], b"\1" * 32)], "pending")    # held already: no change
+    assert vault.committed_pool_bits(LINK) == {"pending": 1024, "ready": 0}
+    await vault.run(vault.settle_blocks, LINK, ids[:2], {ids[2]: "mismatch", "not-a-block": "unavailable"})
+    assert vault.committed_pool_bits(LINK) == {"pending": 256, "ready": 512}
+    with pytest.raises(PoolExhausted):
+        await vault.run(vault.carve, LINK, new_ids(3), 32, "sae-a", ["sae-b"], False)
+    await vault.run(vault.carve, LINK, new_ids(1), 24, "sae-a", ["sae-b"], False)
+    assert vault.committed_pool_bits(LINK) == {"pending": 256, "ready": 320}
+    assert pool_totals_agree(vault)
+    vault.close()
+    vault.open()
+    assert vault.committed_pool_bits(LINK) == {"pending": 256, "ready": 320}
