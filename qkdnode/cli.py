@@ -35,10 +35,11 @@ def setup_logging(level: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from qkdnode import config
+    from qkdnode import eventloop
     from qkdnode.node import run_node
 
     cfg = config.load(args.config)
-    asyncio.run(run_node(cfg))
+    eventloop.run(run_node(cfg))
     return 0
 
 

@@ -622,6 +622,11 @@ class Vault:
             for s, e in ranges:
                 if not (0 <= s < e <= size) or any(s < ce and cs < e for cs, ce in carved):
                     raise CarveConflict(f"link {link}: bytes {s}..{e} of block {bid} are used or out of range")
+            if len(ranges) > 1:
+                ordered = sorted(ranges)
+                for (_, e1), (s2, e2) in zip(ordered, ordered[1:]):
+                    if s2 < e1:  # two keys of this cut would share bytes
+                        raise CarveConflict(f"link {link}: bytes {s2}..{e2} of block {bid} are named twice")
             bits = self._open(self._block_aad(link, bid, "ready", size, carved_json), sealed, f"block {bid}")
             for s, e in ranges:
                 out[(bid, s, e)] = bytes(bits[s:e])
@@ -765,7 +770,17 @@ class Vault:
         """`apply_carve` for several messages in one operation: `calls` are its arguments after
         the link; each gets the number of keys it stored here, or the exception that refused it
         (that message alone then changes nothing)."""
-        out: list[tuple[int | None, Exception | None]] = []
+        self._conn.execute("SAVEPOINT batch")
+        delta = dict(self._delta)
+        try:  # the common case, every message good: their keys cut in one pass over their blocks
+            out = self._apply_carves(link, calls)
+            self._conn.execute("RELEASE batch")
+            return out
+        except QkdnodeError:
+            self._conn.execute("ROLLBACK TO batch")
+            self._conn.execute("RELEASE batch")
+            self._delta = delta
+        out = []
         for args in calls:
             self._conn.execute("SAVEPOINT message")
             delta = dict(self._delta)
@@ -778,6 +793,26 @@ class Vault:
                 self._delta = delta
                 out.append((None, exc))
         return out
+
+    def _apply_carves(self, link: str, calls: list[tuple]) -> list[tuple[int | None, Exception | None]]:
+        ids = [k for key_ids, *_ in calls for k in key_ids]
+        known: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            known.update(k for (k,) in self._conn.execute(
+                f"SELECT DISTINCT key_id FROM audit WHERE key_id IN ({','.join('?' * len(chunk))})", chunk))
+        todo = []
+        pieces: dict[str, list[tuple[int, int]]] = {}
+        for key_ids, ranges, nbytes, master, slaves, store in calls:
+            keep = [(k, [tuple(p) for p in r]) for k, r in zip(key_ids, ranges) if k not in known]
+            todo.append((keep, nbytes, master, slaves, store))
+            for _, key_ranges in keep:
+                for bid, s, e in key_ranges:
+                    pieces.setdefault(bid, []).append((s, e))
+        taken = self._take(link, pieces) if pieces else {}
+        return [(len(self._record(link, [k for k, _ in keep], [r for _, r in keep], nbytes, master, slaves, store,
+                                  None, taken)) if keep else 0, None)
+                for keep, nbytes, master, slaves, store in todo]
 
     def apply_carve(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
                     slaves: list[str], store: bool) -> list[HandOut]:

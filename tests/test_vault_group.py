@@ -115,3 +115,23 @@ async def test_pool_totals_follow_agreement_and_survive_a_reopen(vault):
     vault.close()
     vault.open()
     assert vault.committed_pool_bits(LINK) == {"pending": 256, "ready": 320}
+
+
+async def test_a_batch_of_pushed_cuts_refuses_only_the_bad_message(vault):
+    """The other end of a link stores several pushed messages in one operation; one that names
+    used or doubly named bytes is refused alone, and a message seen before is not cut again."""
+    blocks = list(await fill(vault, 2))                       # 2 x 32 bytes
+    a, b, c, d = new_ids(4)
+    good = ([a], [[(blocks[0], 0, 16)]], 16, "sae-a", ["sae-b"], True)
+    twice = ([b, c], [[(blocks[1], 0, 16)], [(blocks[1], 8, 24)]], 16, "sae-a", ["sae-b"], True)
+    other = ([d], [[(blocks[1], 16, 32)]], 16, "sae-a", ["sae-b"], True)
+    results = await vault.run(vault.apply_carve_batch, LINK, [good, twice, other])
+    assert results[0] == (1, None) and results[2] == (1, None)
+    assert results[1][0] is None and "named twice" in str(results[1][1])
+    again = await vault.run(vault.apply_carve_batch, LINK, [good])       # a repeated push
+    assert again == [(0, None)]
+    used = await vault.run(vault.apply_carve_batch, LINK, [([b], [[(blocks[0], 8, 24)]], 16, "sae-a", ["sae-b"], True)])
+    assert used[0][0] is None and "used" in str(used[0][1])
+    assert await vault.run(vault.free_bytes, LINK) == 32        # 16 + 16 cut, nothing else
+    assert [k for k, _ in await vault.run(vault.deliver, "sae-b", "sae-a", [a, d])] == [a, d]
+    assert pool_totals_agree(vault)
