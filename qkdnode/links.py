@@ -41,8 +41,11 @@ from qkdnode.vault import HandOut, Vault, new_key_id
 
 log = logging.getLogger("qkdnode.links")
 
+FILL_CALLS_PER_ROUND = 8     # device calls whose blocks are stored and offered together
+GROUP_BYTES = 16384          # device blocks without leakage joined into one stored block up to this size...
+GROUP_PARTS = 128            # ...and this many device blocks
 MAX_BATCH = 256              # hand-out requests cut and pushed together at most
-MAX_BATCHES_IN_FLIGHT = 2    # one batch is cut while the one before it is pushed
+MAX_BATCHES_IN_FLIGHT = 4    # batches cut, pushed and committed at once (their vault work shares commits)
 OUTBOX_RETRY_AFTER = 5.0  # seconds a pushed hand-out may stay unconfirmed before the retry loop sends it again
 
 
@@ -143,7 +146,9 @@ class LinkPool:
         while True:
             try:
                 await self._ensure_device()
-                await self.fill_once()
+                if await self.fill_once():
+                    await asyncio.sleep(0)  # more to fetch: the next round at once, after whatever waits
+                    continue
                 backoff = self.cfg.fetch_interval
             except asyncio.CancelledError:
                 raise
@@ -159,22 +164,51 @@ class LinkPool:
                 backoff = min(backoff * 2, 30.0)
             await asyncio.sleep(backoff)
 
-    async def fill_once(self) -> None:
-        """Confirm blocks left pending (after a restart or a peer outage), then top the pool up."""
-        pending = await self.vault.run(self.vault.pending_blocks, self.cfg.id)
-        if pending:
-            await self._offer(pending)
+    async def fill_once(self) -> bool:
+        """Confirm blocks left pending (after a restart or a peer outage), then top the pool up.
+        True if it took key and the pool is still below its target (worth another round now)."""
+        if self.vault.committed_pool_bits(self.cfg.id)["pending"]:
+            pending = await self.vault.run(self.vault.pending_blocks, self.cfg.id)
+            if pending:
+                await self._offer(pending, None, await self.vault.run(self.vault.pending_parts, self.cfg.id))
         held = await self.vault.run(self.vault.held_bytes, self.cfg.id)
         want = self.cfg.pool_target_bits - held * 8
         if want <= 0:
-            return
-        blocks = await self.source.fetch_new(want)
+            return False
+        # A device that answers a full batch (a KME hands out at most max_key_per_request keys a
+        # call) is asked again, up to FILL_CALLS_PER_ROUND times, and the next round follows at
+        # once; then one vault operation and one offer for all of it. Other devices (a CV-QKD
+        # module hands over what it has buffered) are asked once a round, every fetch_interval.
+        blocks: list = []
+        got, full = 0, False
+        for _ in range(FILL_CALLS_PER_ROUND):
+            more = await self.source.fetch_new(want - got)
+            blocks.extend(more)
+            got += sum(len(b.bits) for b in more) * 8
+            limit = getattr(getattr(self.source, "last_status", None), "max_key_per_request", None)
+            full = bool(more) and isinstance(limit, int) and len(more) >= limit
+            if not full or got >= want:
+                break
         if not blocks:
-            return
+            return False
         pa: dict[str, dict] = {}
+        parts: dict[str, list[str]] = {}
         final: list[tuple[str, bytearray]] = []
+        group: list = []  # device blocks without leakage, stored and offered as one block
+
+        def close_group() -> None:
+            if len(group) == 1:
+                final.append((group[0].block_id, group[0].bits))
+            elif group:
+                parts[group[0].block_id] = [b.block_id for b in group]
+                final.append((group[0].block_id, bytearray(b"".join(b.bits for b in group))))
+                for b in group:
+                    b.wipe()
+            group.clear()
+
         for b in blocks:
             if b.leaked_bits:
+                close_group()
                 n_out = pa_output_bits(len(b.bits) * 8, b.leaked_bits)
                 if n_out <= 0:
                     self.metrics.blocks_discarded.labels(self.cfg.id, "too_leaky").inc()
@@ -185,22 +219,30 @@ class LinkPool:
                 final.append((b.block_id, bytearray(native.toeplitz_hash(seed, b.bits, len(b.bits) * 8, n_out))))
                 b.wipe()
             else:
-                final.append((b.block_id, b.bits))
+                if group and (len(group) >= GROUP_PARTS or
+                              sum(len(g.bits) for g in group) + len(b.bits) > GROUP_BYTES):
+                    close_group()
+                group.append(b)
+        close_group()
         if not final:
-            return
-        await self.vault.run(self.vault.add_blocks, self.cfg.id, final, "pending")
-        await self._offer(final, pa)
+            return False
+        await self.vault.run(self.vault.add_blocks, self.cfg.id, final, "pending", parts)
+        await self._offer(final, pa, parts)
         for b in blocks:
             b.wipe()
+        return full and got < want
 
-    async def _offer(self, blocks: list[tuple[str, bytearray]], pa: dict[str, dict] | None = None) -> None:
+    async def _offer(self, blocks: list[tuple[str, bytearray]], pa: dict[str, dict] | None = None,
+                     parts: dict[str, list[str]] | None = None) -> None:
         """Offer blocks by keyed digest. Blocks in `pa` were privacy-amplified here; the peer
-        applies the same Toeplitz seed to its copy before it compares (after a restart the seed
-        is gone: such pending blocks are offered without it and the peer discards them)."""
+        applies the same Toeplitz seed to its copy before it compares. A block in `parts` is the
+        device's blocks of those IDs end to end (stored as one, named by the first); the peer
+        fetches them all and joins them the same way. After a restart the seeds are gone: such
+        pending blocks are offered without them and the peer discards them."""
         salt = secrets.token_bytes(16)
-        pa = pa or {}
+        pa, parts = pa or {}, parts or {}
         offers = [{"block_ID": bid, "size": len(bits), "digest": block_digest(salt, self.cfg.id, bid, bits),
-                   **({"pa": pa[bid]} if bid in pa else {})}
+                   **({"pa": pa[bid]} if bid in pa else {}), **({"parts": parts[bid]} if bid in parts else {})}
                   for bid, bits in blocks]
         for _, bits in blocks:
             bits[:] = bytes(len(bits))
@@ -214,11 +256,13 @@ class LinkPool:
         # A block the peer did not answer for stays pending and is offered again.
         discard = {k: v for k, v in discard.items() if v in ("mismatch", "unavailable", "pa")}
         await self.vault.run(self.vault.settle_blocks, self.cfg.id, ready, discard)
-        self.metrics.blocks_ready.labels(self.cfg.id).inc(len(ready))
+        # The metrics count device blocks, whether stored alone or joined.
+        count = {o["block_ID"]: len(o.get("parts", ())) or 1 for o in offers}
+        self.metrics.blocks_ready.labels(self.cfg.id).inc(sum(count[b] for b in ready))
         sizes = {o["block_ID"]: o["size"] for o in offers}
         self._ingested(8 * sum(sizes[b] for b in ready))
-        for reason in discard.values():
-            self.metrics.blocks_discarded.labels(self.cfg.id, reason).inc()
+        for bid, reason in discard.items():
+            self.metrics.blocks_discarded.labels(self.cfg.id, reason).inc(count[bid])
         if discard:
             log.warning("link %s: %d block(s) discarded at both ends (%s)", self.cfg.id, len(discard),
                         ", ".join(sorted(set(discard.values()))))
@@ -234,11 +278,18 @@ class LinkPool:
         offers = field(body, "blocks", list)
         wanted: dict[str, tuple[int, str]] = {}
         pa: dict[str, tuple[bytes, int]] = {}
+        parts: dict[str, list[str]] = {}
         for o in offers:
             if not isinstance(o, dict):
                 raise BadMessage("each offered block is an object")
             bid = field(o, "block_ID", str)
             wanted[bid] = (field(o, "size", int), field(o, "digest", str))
+            if "parts" in o:
+                p = o["parts"]
+                if not isinstance(p, list) or not 1 <= len(p) <= 4096 or p[0] != bid or \
+                        not all(isinstance(x, str) for x in p) or len(set(p)) != len(p):
+                    raise BadMessage("parts must be an array of distinct block IDs, the first the block's own")
+                parts[bid] = p
             if "pa" in o:
                 p = o["pa"] if isinstance(o["pa"], dict) else {}
                 try:
@@ -250,28 +301,48 @@ class LinkPool:
             results = {bid: "ready" for bid in have}
             todo = [bid for bid in wanted if bid not in have]
             if todo:
+                ids = [p for bid in todo for p in parts.get(bid, [bid])]
+                if len(set(ids)) != len(ids):
+                    raise BadMessage("a device block is named by two offered blocks")
                 await self._ensure_device()
-                fetched = await self._fetch_each(todo, results)
+                # Single blocks in one call, as before; each joined block on its own, so that a part
+                # the device has lost costs that block alone.
+                missing: dict[str, str] = {}
+                singles = [bid for bid in todo if bid not in parts]
+                by_id = {b.block_id: b for b in (await self._fetch_each(singles, missing) if singles else [])}
+                for bid in todo:
+                    if bid in parts:
+                        by_id.update((b.block_id, b) for b in await self._fetch_each(parts[bid], missing))
                 matching = []
-                for block in fetched:
-                    size, digest = wanted[block.block_id]
-                    bits = self._amplify(block, pa.get(block.block_id))
-                    if bits is None:
-                        results[block.block_id] = "pa"
-                        block.wipe()
+                for bid in todo:
+                    got = [by_id.get(p) for p in parts.get(bid, [bid])]
+                    if any(b is None for b in got):
+                        results[bid] = "unavailable"
+                        for b in got:
+                            if b is not None:
+                                b.wipe()
                         continue
-                    ok = len(bits) == size and hmac.compare_digest(
-                        digest, block_digest(salt, self.cfg.id, block.block_id, bits))
+                    size, digest = wanted[bid]
+                    if len(got) == 1:
+                        bits = self._amplify(got[0], pa.get(bid))
+                    else:  # joined device blocks are never amplified: leakage is per device block
+                        bits = None if bid in pa or any(b.leaked_bits for b in got) else \
+                            bytearray(b"".join(b.bits for b in got))
+                    for b in got:
+                        b.wipe()
+                    if bits is None:
+                        results[bid] = "pa"
+                        continue
+                    ok = len(bits) == size and hmac.compare_digest(digest, block_digest(salt, self.cfg.id, bid, bits))
                     if ok:
-                        matching.append((block.block_id, bytes(bits)))
-                    results[block.block_id] = "ready" if ok else "mismatch"
-                    block.wipe()
+                        matching.append((bid, bytes(bits)))
+                    results[bid] = "ready" if ok else "mismatch"
                     bits[:] = bytes(len(bits))
                 await self.vault.run(self.vault.add_blocks, self.cfg.id, matching, "ready")
-                for bid, r in results.items():
+                for bid, r in results.items():  # in device blocks, as at the master end
                     if r != "ready":
-                        self.metrics.blocks_discarded.labels(self.cfg.id, r).inc()
-                self.metrics.blocks_ready.labels(self.cfg.id).inc(len(matching))
+                        self.metrics.blocks_discarded.labels(self.cfg.id, r).inc(len(parts.get(bid, ())) or 1)
+                self.metrics.blocks_ready.labels(self.cfg.id).inc(sum(len(parts.get(b, ())) or 1 for b, _ in matching))
                 self._ingested(8 * sum(len(b) for _, b in matching))
         await self.refresh_gauge()
         return {"results": results}

@@ -168,7 +168,7 @@ class _Redo(Exception):
 # again when a group is re-run. Any other operation (key rotation, export) runs in a group of
 # its own, under a savepoint, exactly once.
 _RERUNNABLE = frozenset({
-    "add_blocks", "pending_blocks", "ready_block_ids", "settle_blocks", "free_bytes", "held_bytes", "carve",
+    "add_blocks", "pending_blocks", "pending_parts", "ready_block_ids", "settle_blocks", "free_bytes", "held_bytes", "carve",
     "carve_batch", "apply_carve", "apply_carve_batch", "store_relayed", "record_issued", "discard_key", "deliver", "outbox_items", "outbox_done",
     "outbox_to_discard", "pool_bits", "counts", "prune_audit",
 })
@@ -245,6 +245,9 @@ class Vault:
                     raise VaultError(f"{self.path} is an SQLite file but not a qkdnode vault")
                 self._create_schema(db)
             self._unlock(conn)
+            if exclusive and "parts" not in {c for _, c, *_ in conn.execute("PRAGMA table_info(blocks)")}:
+                # Added after the first release: the device blocks a joined block is made of (IDs only).
+                conn.execute("ALTER TABLE blocks ADD COLUMN parts TEXT")
             self._totals = {(link, state): free for link, state, free in
                             conn.execute("SELECT link, state, SUM(free) FROM blocks GROUP BY link, state")}
         except sqlite3.DatabaseError as exc:
@@ -283,7 +286,7 @@ class Vault:
         db["meta"].create({"name": str, "value": bytes}, pk="name")
         db["blocks"].create(
             {"link": str, "block_id": str, "state": str, "size": int, "free": int, "carved": str,
-             "sealed": bytes, "created": float},
+             "sealed": bytes, "created": float, "parts": str},
             pk=("link", "block_id"),
         )
         db["blocks"].create_index(["link", "state", "created"])
@@ -523,16 +526,20 @@ class Vault:
     # ------------------------------------------------------------ block transitions
     # Each method below runs in the writer thread (call it through `run`).
 
-    def add_blocks(self, link: str, blocks: list[tuple[str, bytes]], state: str) -> list[str]:
-        """Store link key blocks as `pending` (master, before the peer confirmed) or `ready`.
+    def add_blocks(self, link: str, blocks: list[tuple[str, bytes]], state: str,
+                   parts: dict[str, list[str]] | None = None) -> list[str]:
+        """Store link key blocks as `pending` (master, before the peer confirmed) or `ready`;
+        `parts` names the device blocks a block joins (kept so that it can be offered again).
         Blocks already held are left as they are; returns the IDs newly stored."""
         added, audit, total, now = [], [], 0, time.time()
-        insert = "INSERT OR IGNORE INTO blocks (link, block_id, state, size, free, carved, sealed, created) " \
-                 "VALUES (?,?,?,?,?,?,?,?)"
+        parts = parts or {}
+        insert = "INSERT OR IGNORE INTO blocks (link, block_id, state, size, free, carved, sealed, created, parts) " \
+                 "VALUES (?,?,?,?,?,?,?,?,?)"
         for block_id, bits in blocks:
             size = len(bits)
             sealed = self._seal(self._block_aad(link, block_id, state, size, "[]"), bits)
-            if not self._conn.execute(insert, (link, block_id, state, size, size, "[]", sealed, now)).rowcount:
+            joined = json.dumps(parts[block_id]) if block_id in parts else None
+            if not self._conn.execute(insert, (link, block_id, state, size, size, "[]", sealed, now, joined)).rowcount:
                 continue  # held already
             added.append(block_id)
             total += size
@@ -554,6 +561,12 @@ class Vault:
         ).fetchall()
         return [(bid, self._open(self._block_aad(link, bid, "pending", size, carved), sealed, f"block {bid}"))
                 for bid, size, carved, sealed in rows]
+
+    def pending_parts(self, link: str) -> dict[str, list[str]]:
+        """The device blocks each pending joined block of a link is made of."""
+        rows = self._conn.execute("SELECT block_id, parts FROM blocks WHERE link=? AND state='pending' "
+                                  "AND parts IS NOT NULL", (link,))
+        return {bid: json.loads(p) for bid, p in rows}
 
     def ready_block_ids(self, link: str, block_ids: list[str]) -> set[str]:
         found = set()
