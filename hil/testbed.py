@@ -140,7 +140,7 @@ def load_topology(path: Path) -> Topology:
 
 
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "config" / "demo-topology.toml"
-UNLIMITED_CV_TIME_SCALE = 2000.0  # CV-QKD pairs push blocks: emulated time this much faster (~14 Mb/s at 8 dB)
+UNLIMITED_CV_TIME_SCALE = 500.0  # CV-QKD pairs push blocks: emulated time this much faster (~3 Mb/s at 8 dB)
 
 
 class Testbed:
@@ -376,8 +376,13 @@ settings = {_toml_inline(driver['settings'])}
         tmp.replace(self.manifest_path)
 
     async def stop(self) -> None:
-        for name in self.nodes:
-            self.kill(name, signal.SIGTERM)
+        # SIGTERM to every node first, then wait without blocking this event loop: the emulated
+        # devices answer on it, and a node stopping may wait for a device call it has under way.
+        running = [n.proc for n in self.nodes.values() if n.proc and n.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            await asyncio.to_thread(proc.wait, 30)
         for devices in self.devices.values():
             for dev in devices:
                 await dev.stop()

@@ -41,6 +41,7 @@ from qkdnode.vault import HandOut, Vault, new_key_id
 
 log = logging.getLogger("qkdnode.links")
 
+OFFERS_IN_FLIGHT = 2         # rounds whose offer may be under way while the next round is fetched
 FILL_CALLS_PER_ROUND = 8     # device calls whose blocks are stored and offered together
 GROUP_BYTES = 16384          # device blocks without leakage joined into one stored block up to this size...
 GROUP_PARTS = 128            # ...and this many device blocks
@@ -72,6 +73,9 @@ class LinkPool:
         self._tasks: list[asyncio.Task] = []
         self._offer_lock = asyncio.Lock()
         self._confirmed: list[str] = []  # outbox entries the peer acknowledged, removed lazily
+        self._offer_slots = asyncio.Semaphore(OFFERS_IN_FLIGHT)
+        self._offering: set[str] = set()          # block IDs of offers under way
+        self._background: set[asyncio.Task] = set()
         self._waiting: list[tuple] = []  # hand-out requests not yet in a batch (master end)
         self._in_flight = 0
         self._batch_tasks: set[asyncio.Task] = set()
@@ -107,9 +111,9 @@ class LinkPool:
             backoff = min(backoff * 2, 30.0)
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in (*self._tasks, *self._background):
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         self._tasks.clear()
         await self.source.close()
 
@@ -167,7 +171,8 @@ class LinkPool:
     async def fill_once(self) -> bool:
         """Confirm blocks left pending (after a restart or a peer outage), then top the pool up.
         True if it took key and the pool is still below its target (worth another round now)."""
-        if self.vault.committed_pool_bits(self.cfg.id)["pending"]:
+        if self.vault.committed_pool_bits(self.cfg.id)["pending"] and not self._offering:
+            # (Blocks of an offer still under way are pending too: never offered again beside it.)
             pending = await self.vault.run(self.vault.pending_blocks, self.cfg.id)
             if pending:
                 await self._offer(pending, None, await self.vault.run(self.vault.pending_parts, self.cfg.id))
@@ -206,6 +211,7 @@ class LinkPool:
                     b.wipe()
             group.clear()
 
+        group_bytes = 0
         for b in blocks:
             if b.leaked_bits:
                 close_group()
@@ -219,18 +225,42 @@ class LinkPool:
                 final.append((b.block_id, bytearray(native.toeplitz_hash(seed, b.bits, len(b.bits) * 8, n_out))))
                 b.wipe()
             else:
-                if group and (len(group) >= GROUP_PARTS or
-                              sum(len(g.bits) for g in group) + len(b.bits) > GROUP_BYTES):
+                if group and (len(group) >= GROUP_PARTS or group_bytes + len(b.bits) > GROUP_BYTES):
                     close_group()
+                    group_bytes = 0
                 group.append(b)
+                group_bytes += len(b.bits)
         close_group()
         if not final:
             return False
         await self.vault.run(self.vault.add_blocks, self.cfg.id, final, "pending", parts)
-        await self._offer(final, pa, parts)
-        for b in blocks:
-            b.wipe()
-        return full and got < want
+        if full and got < want:
+            # The device has more: fetch the next round while the peer confirms this one.
+            await self._offer_slots.acquire()
+            self._offering.update(bid for bid, _ in final)
+            task = asyncio.create_task(self._offer_in_background(final, pa, parts, blocks))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return True
+        try:
+            await self._offer(final, pa, parts)
+        finally:
+            for b in blocks:
+                b.wipe()
+        return False
+
+    async def _offer_in_background(self, final, pa, parts, blocks) -> None:
+        try:
+            await self._offer(final, pa, parts)
+        except QkdnodeError as exc:  # the blocks stay pending; the fill loop offers them again
+            log.warning("link %s: %s", self.cfg.id, exc)
+        except Exception:
+            log.exception("link %s: unexpected failure offering blocks", self.cfg.id)
+        finally:
+            self._offering.difference_update(bid for bid, _ in final)
+            for b in blocks:
+                b.wipe()
+            self._offer_slots.release()
 
     async def _offer(self, blocks: list[tuple[str, bytearray]], pa: dict[str, dict] | None = None,
                      parts: dict[str, list[str]] | None = None) -> None:
