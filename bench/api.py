@@ -83,18 +83,40 @@ async def wait_ready(tb: Testbed, bits: int, timeout: float = 120.0) -> float:
     return time.monotonic() - t0
 
 
-async def loadgen(spec: dict) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def loadgen(spec: dict, pids: dict[str, int] | None = None) -> dict:
+    """One load generator run. With `pids`, also the CPU time each of those processes spent while
+    the load generator measured, in ms per answered request (and the load generator's own)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.loadgen", f.name,
                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = await proc.communicate()
+        marks: list[dict[str, float]] = []
+        while True:
+            line = await proc.stdout.readline()
+            if line.strip() in (b"start", b"end"):
+                marks.append({name: cpu_seconds(pid) for name, pid in (pids or {}).items()})
+                continue
+            out = line + await proc.stdout.read()
+            break
+        err = await proc.stderr.read()
+        await proc.wait()
     finally:
         os.unlink(f.name)
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed: {err.decode()[-2000:]}")
-    return json.loads(out)
+    r = json.loads(out)
+    if pids and len(marks) == 2:
+        n = max(r["requests"], 1)
+        r["cpu_ms_per_request"] = {**{k: round(1000 * (marks[1][k] - marks[0][k]) / n, 4) for k in pids},
+                                   "load generator": round(1000 * r["cpu_s"] / n, 4)}
+    return r
 
 
 def side(tb: Testbed, sae: str, node: str) -> dict:
@@ -115,6 +137,9 @@ def median_of(runs: list[dict]) -> dict:
     out = {k: statistics.median(r[k] for r in runs if r[k] is not None) if any(r[k] is not None for r in runs)
            else None for k in keys}
     out["errors"] = sum(sum(r["errors"].values()) for r in runs)
+    cpu = [r["cpu_ms_per_request"] for r in runs if "cpu_ms_per_request" in r]
+    if cpu:
+        out["cpu_ms_per_request"] = {k: round(statistics.median(c[k] for c in cpu), 4) for k in cpu[0]}
     if "mismatches" in runs[0]:
         out["mismatches"] = sum(r["mismatches"] for r in runs)
     out["runs"] = runs
@@ -139,7 +164,7 @@ async def delivery(work: Path, args) -> dict:
         cred = tb.node_creds["A"]
         ceiling = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.ceiling", str(tb.pki.ca), str(cred.cert), str(cred.key), str(port),
-            *(["uvloop"] if args.uvloop_ceiling else []), stdout=subprocess.PIPE)
+            *(["uvloop"] if args.loop == "uvloop" else []), stdout=subprocess.PIPE)
         await ceiling.stdout.readline()
         ceiling_url = f"https://{HOST}:{port}/api/v1/keys/{SAE_B}"
         runs: dict[tuple[str, int], list[dict]] = {}
@@ -150,7 +175,9 @@ async def delivery(work: Path, args) -> dict:
                         await wait_ready(tb, MIN_READY_BITS)
                     spec = spec_of(tb, "dec" if mode == "dec" else "enc", clients, args.seconds,
                                    ceiling_url if mode == "ceiling" else None)
-                    r = await loadgen(spec)
+                    pids = {"ceiling": ceiling.pid} if mode == "ceiling" else \
+                        {"node A": tb.nodes["A"].proc.pid, "node B": tb.nodes["B"].proc.pid, "KMEs": os.getpid()}
+                    r = await loadgen(spec, pids)
                     runs.setdefault((mode, clients), []).append(r)
                     log(f"[{rep + 1}/{args.repeat}] {mode:7s} {clients:3d} clients: {r['requests_per_s']:8.0f}/s "
                         f"p50 {r['p50_ms']} p99 {r['p99_ms']} p99.9 {r['p999_ms']} ms errors {r['errors']}")
@@ -177,7 +204,8 @@ async def ingest_rate(tb: Testbed, seconds: float, load: dict | None = None) -> 
     """Ready bits per second at node A (idle, or while `load` runs): growth of the ready pool
     plus what enc_keys took from it meanwhile."""
     if load is not None:
-        task = asyncio.create_task(loadgen(load))
+        task = asyncio.create_task(loadgen(load, {"node A": tb.nodes["A"].proc.pid, "node B": tb.nodes["B"].proc.pid,
+                                                  "KMEs": os.getpid()}))
         await asyncio.sleep(load["warmup"])
     m0, t0 = await scrape(tb, "A"), time.monotonic()
     await asyncio.sleep(seconds)
@@ -253,14 +281,16 @@ async def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per point; medians are reported (default 3)")
     ap.add_argument("--clients", default="1,16,64,256", help="concurrent clients (default 1,16,64,256)")
     ap.add_argument("--only", default="delivery,ingest-014,ingest-cv", help="scenarios to run")
-    ap.add_argument("--uvloop-ceiling", action="store_true", help="run the bare handler on uvloop")
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="event loop of the nodes and of the bare handler (default asyncio, the node's default)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     only = set(args.only.split(","))
+    os.environ["QKDNODE_EVENT_LOOP"] = args.loop  # the nodes the testbed starts inherit it
     logging.basicConfig(level=logging.WARNING)
     doc: dict = {"benchmark": "ETSI 014 key delivery and ingest (issue 10)", "seconds_per_run": args.seconds,
-                 "repeat": args.repeat, "key_bits": KEY_BITS, "machine": machine()}
+                 "repeat": args.repeat, "key_bits": KEY_BITS, "event_loop": args.loop, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="qkdnode-bench-") as d:
         work = Path(d)
         if "delivery" in only:

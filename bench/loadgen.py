@@ -1,7 +1,7 @@
 """Load generator for bench/api.py: N concurrent ETSI 014 clients with client certificates and
 keep-alive, in a process of its own so that it does not share an event loop with a node.
 
-    python -m bench.loadgen SPEC.json      (prints one JSON document on stdout)
+    python -m bench.loadgen SPEC.json      (prints "start", "end", then one JSON document on stdout)
 
 SPEC: {"mode": "enc" | "dec", "clients": N, "seconds": S, "warmup": W, "ca": PEM,
        "enc": {"url": BASE, "cert": PEM, "key": PEM},      # GET BASE/enc_keys?number=1&size=256
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import ssl
 import sys
 import time
@@ -31,6 +32,11 @@ def _session(ca: str, side: dict, clients: int) -> aiohttp.ClientSession:
     # One keep-alive connection per client, opened before the clock starts.
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=clients, force_close=False),
                                  timeout=aiohttp.ClientTimeout(total=60))
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _summary(latencies: list[float], elapsed: float, errors: dict[str, int]) -> dict:
@@ -100,15 +106,18 @@ async def run(spec: dict) -> dict:
 
     tasks = [asyncio.create_task(client()) for _ in range(clients)]
     await asyncio.sleep(spec.get("warmup", 1.0))
-    measuring, start = True, time.perf_counter()
+    print("start", flush=True)  # the bench samples the servers' CPU time at these two lines
+    measuring, start, cpu0 = True, time.perf_counter(), _cpu()
     await asyncio.sleep(spec["seconds"])
-    measuring, elapsed = False, time.perf_counter() - start
+    measuring, elapsed, cpu = False, time.perf_counter() - start, _cpu() - cpu0
+    print("end", flush=True)
     stop = True
     await asyncio.gather(*tasks, return_exceptions=True)
     await enc.close()
     if dec is not None:
         await dec.close()
     out = _summary(latencies, elapsed, errors)
+    out["cpu_s"] = round(cpu, 3)
     if dec is not None:
         out["mismatches"] = mismatches
     return out
