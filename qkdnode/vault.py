@@ -53,6 +53,7 @@ SCHEMA_VERSION = 1
 MASTER_KEY_BYTES = 32
 _NONCE = 12
 _MAX_GROUP = 512
+PURGE_USED_AT = 4096  # rows of used-up blocks deleted together
 
 Range = tuple[str, int, int]  # (block_ID, start byte, end byte) of one piece of a key
 
@@ -216,6 +217,7 @@ class Vault:
         # Kept here because summing `free` over every block of a large pool costs milliseconds.
         self._totals: dict[tuple[str, str], int] = {}
         self._delta: dict[tuple[str, str], int] = {}
+        self._used = 0  # rows of used-up blocks not yet deleted
         self.on_commit = on_commit
         self.vault_id = ""
 
@@ -250,6 +252,7 @@ class Vault:
                 conn.execute("ALTER TABLE blocks ADD COLUMN parts TEXT")
             self._totals = {(link, state): free for link, state, free in
                             conn.execute("SELECT link, state, SUM(free) FROM blocks GROUP BY link, state")}
+            self._used = conn.execute("SELECT COUNT(*) FROM blocks WHERE state='used'").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             conn.close()
             self._release_lock()
@@ -431,6 +434,8 @@ class Vault:
                 else:
                     backlog.extend(item)
             if not backlog:
+                if self._used:  # a clean stop leaves no row of a used-up block behind
+                    self._purge_used()
                 return
             batch = [backlog.popleft()]
             if _rerunnable(batch[0][0]):
@@ -455,6 +460,8 @@ class Vault:
                 conn.execute("COMMIT")
                 for k, n in self._delta.items():
                     self._totals[k] = self._totals.get(k, 0) + n
+                if self._used >= PURGE_USED_AT:
+                    self._purge_used()
                 if self.on_commit:
                     self.on_commit(len(batch), time.perf_counter() - started)
             except Exception as exc:  # the commit itself failed: nothing of the group is durable
@@ -471,6 +478,18 @@ class Vault:
                     loop.call_soon_threadsafe(_resolve, group)
                 except RuntimeError:  # that loop is closed: nobody waits for these answers any more
                     pass
+
+    def _purge_used(self) -> None:
+        """In the writer thread, between groups: delete the rows of used-up blocks in one go."""
+        try:
+            self._conn.execute("BEGIN")
+            self._conn.execute("DELETE FROM blocks WHERE state='used'")
+            self._conn.execute("COMMIT")
+            self._used = 0
+        except sqlite3.DatabaseError as exc:  # tried again after the next group
+            log.warning("vault: deleting used-up blocks failed: %s", exc)
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
 
     def _run_each(self, batch: list) -> list:
         """Each operation under its own savepoint, so that one failure undoes only its own writes."""
@@ -656,7 +675,12 @@ class Vault:
                     (cj, free, self._seal(self._block_aad(link, bid, "ready", size, cj), bits), link, bid))
             _zero(bits)
         if gone:
-            self._conn.executemany("DELETE FROM blocks WHERE link=? AND block_id=?", gone)
+            # A used-up block keeps its row, without its sealed bits (secure_delete zeroes them),
+            # until `_purge_used` deletes such rows many at a time: deleting each at once would
+            # touch a random page of the block ID index per block, a page per block per commit.
+            self._conn.executemany("UPDATE blocks SET state='used', free=0, sealed=x'' WHERE link=? AND block_id=?",
+                                   gone)
+            self._used += len(gone)
         return out
 
     def _record(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
@@ -970,7 +994,7 @@ class Vault:
         done = 0
         for table, key_cols, aad_of in (("blocks", ("link", "block_id"), self._row_aad_block),
                                         ("keys", ("key_id",), self._row_aad_key)):
-            rows = self._conn.execute(f"SELECT * FROM {table} WHERE substr(sealed, 1, 4) != ? LIMIT ?",
+            rows = self._conn.execute(f"SELECT * FROM {table} WHERE substr(sealed, 1, 4) != ? AND sealed != x'' LIMIT ?",
                                       (prefix, limit - done)).fetchall()
             cols = [d[0] for d in self._conn.execute(f"SELECT * FROM {table} LIMIT 0").description]
             for values in rows:
@@ -998,6 +1022,8 @@ class Vault:
         """Open every sealed row; count rows per state and list every row that fails."""
         failures, blocks, keys = [], {}, {"waiting": 0, "bits": 0}
         for r in self._rows("blocks"):
+            if r["state"] == "used":  # used up, bits gone; the row awaits deletion
+                continue
             try:
                 _zero(self._open(self._row_aad_block(r), r["sealed"], "block"))
                 entry = blocks.setdefault(f"{r['link']}/{r['state']}", {"blocks": 0, "bits": 0})
@@ -1072,7 +1098,7 @@ class Vault:
         c = self._conn
         return {
             "blocks": {f"{link}/{state}": n for link, state, n in
-                       c.execute("SELECT link, state, COUNT(*) FROM blocks GROUP BY link, state")},
+                       c.execute("SELECT link, state, COUNT(*) FROM blocks WHERE state != 'used' GROUP BY link, state")},
             "ready_bits": {link: free * 8 for link, free in
                            c.execute("SELECT link, SUM(free) FROM blocks WHERE state='ready' GROUP BY link")},
             "keys_waiting": c.execute("SELECT COUNT(*) FROM keys").fetchone()[0],

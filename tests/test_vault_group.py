@@ -23,7 +23,8 @@ def commits_of(v: Vault) -> list[int]:
 def pool_totals_agree(v: Vault) -> bool:
     """The vault's running totals of key per link and state match the blocks table."""
     sql = {state: free * 8 for state, free in
-           v._conn.execute("SELECT state, SUM(free) FROM blocks WHERE link=? GROUP BY state", (LINK,))}
+           v._conn.execute("SELECT state, SUM(free) FROM blocks WHERE link=? AND state != 'used' GROUP BY state",
+                           (LINK,))}
     return v.committed_pool_bits(LINK) == {"pending": 0, "ready": 0} | sql
 
 
@@ -134,4 +135,20 @@ async def test_a_batch_of_pushed_cuts_refuses_only_the_bad_message(vault):
     assert used[0][0] is None and "used" in str(used[0][1])
     assert await vault.run(vault.free_bytes, LINK) == 32        # 16 + 16 cut, nothing else
     assert [k for k, _ in await vault.run(vault.deliver, "sae-b", "sae-a", [a, d])] == [a, d]
+    assert pool_totals_agree(vault)
+
+
+async def test_used_up_blocks_lose_their_bits_at_once_and_their_rows_later(vault, monkeypatch):
+    import qkdnode.vault as vault_module
+    monkeypatch.setattr(vault_module, "PURGE_USED_AT", 3)
+    blocks = await fill(vault, 4)
+    await vault.run(vault.carve, LINK, new_ids(2), 32, "sae-a", ["sae-b"], False)     # blocks 1 and 2 used up
+    rows = dict(vault._conn.execute("SELECT block_id, length(sealed) FROM blocks WHERE state='used'"))
+    assert set(rows) == set(list(blocks)[:2]) and set(rows.values()) == {0}
+    report = await vault.run(vault.check)
+    assert report["failures"] == [] and report["blocks"] == {f"{LINK}/ready": {"blocks": 2, "bits": 512}}
+    with pytest.raises(Exception, match="not a ready block"):                        # never cut again
+        await vault.run(vault.apply_carve, LINK, new_ids(1), [[(list(blocks)[0], 0, 8)]], 8, "sae-a", ["sae-b"], True)
+    await vault.run(vault.carve, LINK, new_ids(1), 32, "sae-a", ["sae-b"], False)     # the third: purge
+    assert vault._conn.execute("SELECT COUNT(*) FROM blocks WHERE state='used'").fetchone()[0] == 0
     assert pool_totals_agree(vault)
