@@ -245,12 +245,12 @@ class Etsi014KeySource:
                                     "refused our client certificate") from None
         except aiohttp.ClientError as exc:
             raise DeviceUnavailable(f"{url}: {exc.__class__.__name__}: {exc}") from None
-        message = _error_message(text)
         if status == 200:
             try:
                 return json.loads(text)
             except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 raise DeviceProtocolError(f"{url}: 200 with a body that is not JSON") from None
+        message = _error_message(text)
         if status == 401 or (status == 400 and self.auth_400_pattern and self.auth_400_pattern in message.lower()):
             raise DeviceUnauthorized(f"{url}: {status}: {message}")
         if status == 400:

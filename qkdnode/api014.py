@@ -67,6 +67,8 @@ class _ConfigInForce:
 def make_api_app(node: "Node") -> web.Application:
     cfg, metrics = _ConfigInForce(node), node.metrics
     limits = SaeLimits(cfg.limits.default, cfg.limits.saes)  # [limits]: 429 before anything is taken
+    counted: dict[tuple[str, int], Any] = {}  # the metrics' labelled children, looked up once
+    timed: dict[str, Any] = {}
 
     @web.middleware
     async def errors(request: web.Request, handler):
@@ -81,8 +83,14 @@ def make_api_app(node: "Node") -> web.Application:
             resp.headers["Retry-After"] = str(int(exc.retry_after))
         except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself: still an Error object
             resp = _error(exc.status, exc.reason)
-        metrics.requests.labels(call, str(resp.status)).inc()
-        metrics.latency.labels(call).observe(time.perf_counter() - start)
+        requests = counted.get((call, resp.status))
+        if requests is None:
+            requests = counted[call, resp.status] = metrics.requests.labels(call, str(resp.status))
+        latency = timed.get(call)
+        if latency is None:
+            latency = timed[call] = metrics.latency.labels(call)
+        requests.inc()
+        latency.observe(time.perf_counter() - start)
         return resp
 
     def caller_of(request: web.Request) -> str:

@@ -35,10 +35,11 @@ def setup_logging(level: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from qkdnode import config
+    from qkdnode import eventloop
     from qkdnode.node import run_node
 
     cfg = config.load(args.config)
-    asyncio.run(run_node(cfg))
+    eventloop.run(run_node(cfg))
     return 0
 
 
@@ -90,7 +91,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from hil.testbed import run_demo
 
     return asyncio.run(run_demo(Path(args.workdir), duration=args.duration, rate_bps=args.key_rate,
-                                topology=Path(args.topology) if args.topology else None))
+                                topology=Path(args.topology) if args.topology else None,
+                                unlimited_key_rate=args.unlimited_key_rate))
 
 
 def _vault_of(args: argparse.Namespace, *, exclusive: bool = True, create: bool = False):
@@ -262,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="secret key rate of each emulated ETSI 014 KME pair in bit/s (default: 50000)")
     demo.add_argument("--topology", default=None,
                       help="topology file of the emulated network (default: config/demo-topology.toml)")
+    demo.add_argument("--unlimited-key-rate", action="store_true",
+                      help="every emulated link makes key as fast as it is asked for (overrides --key-rate; for "
+                           "benchmarks of the software rather than of the emulated links)")
     demo.set_defaults(func=_cmd_demo)
 
     vault = sub.add_parser("vault", help="look after the node's key vault (stop the daemon first, except for check)")

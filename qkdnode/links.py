@@ -21,7 +21,6 @@ import hmac
 import logging
 import secrets
 import time
-import uuid
 from hashlib import sha256
 
 from qkdnode import native
@@ -38,10 +37,16 @@ from qkdnode.errors import (
 from qkdnode.interfaces import KeySource
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import BadMessage, PeerClient, field, ranges_of
-from qkdnode.vault import HandOut, Vault
+from qkdnode.vault import HandOut, Vault, new_key_id
 
 log = logging.getLogger("qkdnode.links")
 
+OFFERS_IN_FLIGHT = 2         # rounds whose offer may be under way while the next round is fetched
+FILL_CALLS_PER_ROUND = 8     # device calls whose blocks are stored and offered together
+GROUP_BYTES = 16384          # device blocks without leakage joined into one stored block up to this size...
+GROUP_PARTS = 128            # ...and this many device blocks
+MAX_BATCH = 256              # hand-out requests cut and pushed together at most
+MAX_BATCHES_IN_FLIGHT = 2    # one batch is cut and committed while the one before it is pushed
 OUTBOX_RETRY_AFTER = 5.0  # seconds a pushed hand-out may stay unconfirmed before the retry loop sends it again
 
 
@@ -68,6 +73,12 @@ class LinkPool:
         self._tasks: list[asyncio.Task] = []
         self._offer_lock = asyncio.Lock()
         self._confirmed: list[str] = []  # outbox entries the peer acknowledged, removed lazily
+        self._offer_slots = asyncio.Semaphore(OFFERS_IN_FLIGHT)
+        self._offering: set[str] = set()          # block IDs of offers under way
+        self._background: set[asyncio.Task] = set()
+        self._waiting: list[tuple] = []  # hand-out requests not yet in a batch (master end)
+        self._in_flight = 0
+        self._batch_tasks: set[asyncio.Task] = set()
         self.device_ok = False
         self.ready_bits = 0        # as of the last gauge refresh
         self.ingest_bps = 0.0      # agreed key per second, smoothed (routing weighs links by it)
@@ -101,9 +112,9 @@ class LinkPool:
             backoff = min(backoff * 2, 30.0)
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in (*self._tasks, *self._background):
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         self._tasks.clear()
         await self.source.close()
 
@@ -117,8 +128,8 @@ class LinkPool:
         self.metrics.driver_up.labels(self.cfg.id).set(1 if ok else 0)
 
     async def refresh_gauge(self) -> int:
-        """Update the pool gauges; returns the ready bytes."""
-        bits = await self.vault.run(self.vault.pool_bits, self.cfg.id)
+        """Update the pool gauges; returns the ready bytes (as of the vault's last commit)."""
+        bits = self.vault.committed_pool_bits(self.cfg.id)
         for state, n in bits.items():
             self.metrics.pool_bits.labels(self.cfg.id, state).set(n)
         self.metrics.pool_ready_bits.labels(self.cfg.id).set(bits["ready"])
@@ -140,7 +151,9 @@ class LinkPool:
         while True:
             try:
                 await self._ensure_device()
-                await self.fill_once()
+                if await self.fill_once():
+                    await asyncio.sleep(0)  # more to fetch: the next round at once, after whatever waits
+                    continue
                 backoff = self.cfg.fetch_interval
             except asyncio.CancelledError:
                 raise
@@ -156,22 +169,53 @@ class LinkPool:
                 backoff = min(backoff * 2, 30.0)
             await asyncio.sleep(backoff)
 
-    async def fill_once(self) -> None:
-        """Confirm blocks left pending (after a restart or a peer outage), then top the pool up."""
-        pending = await self.vault.run(self.vault.pending_blocks, self.cfg.id)
-        if pending:
-            await self._offer(pending)
+    async def fill_once(self) -> bool:
+        """Confirm blocks left pending (after a restart or a peer outage), then top the pool up.
+        True if it took key and the pool is still below its target (worth another round now)."""
+        if self.vault.committed_pool_bits(self.cfg.id)["pending"] and not self._offering:
+            # (Blocks of an offer still under way are pending too: never offered again beside it.)
+            pending = await self.vault.run(self.vault.pending_blocks, self.cfg.id)
+            if pending:
+                await self._offer(pending, None, await self.vault.run(self.vault.pending_parts, self.cfg.id))
         held = await self.vault.run(self.vault.held_bytes, self.cfg.id)
         want = self.cfg.pool_target_bits - held * 8
         if want <= 0:
-            return
-        blocks = await self.source.fetch_new(want)
+            return False
+        # A device that answers a full batch (a KME hands out at most max_key_per_request keys a
+        # call) is asked again, up to FILL_CALLS_PER_ROUND times, and the next round follows at
+        # once; then one vault operation and one offer for all of it. Other devices (a CV-QKD
+        # module hands over what it has buffered) are asked once a round, every fetch_interval.
+        blocks: list = []
+        got, full = 0, False
+        for _ in range(FILL_CALLS_PER_ROUND):
+            more = await self.source.fetch_new(want - got)
+            blocks.extend(more)
+            got += sum(len(b.bits) for b in more) * 8
+            limit = getattr(getattr(self.source, "last_status", None), "max_key_per_request", None)
+            full = bool(more) and isinstance(limit, int) and len(more) >= limit
+            if not full or got >= want:
+                break
         if not blocks:
-            return
+            return False
         pa: dict[str, dict] = {}
+        parts: dict[str, list[str]] = {}
         final: list[tuple[str, bytearray]] = []
+        group: list = []  # device blocks without leakage, stored and offered as one block
+
+        def close_group() -> None:
+            if len(group) == 1:
+                final.append((group[0].block_id, group[0].bits))
+            elif group:
+                parts[group[0].block_id] = [b.block_id for b in group]
+                final.append((group[0].block_id, bytearray(b"".join(b.bits for b in group))))
+                for b in group:
+                    b.wipe()
+            group.clear()
+
+        group_bytes = 0
         for b in blocks:
             if b.leaked_bits:
+                close_group()
                 n_out = pa_output_bits(len(b.bits) * 8, b.leaked_bits)
                 if n_out <= 0:
                     self.metrics.blocks_discarded.labels(self.cfg.id, "too_leaky").inc()
@@ -182,22 +226,54 @@ class LinkPool:
                 final.append((b.block_id, bytearray(native.toeplitz_hash(seed, b.bits, len(b.bits) * 8, n_out))))
                 b.wipe()
             else:
-                final.append((b.block_id, b.bits))
+                if group and (len(group) >= GROUP_PARTS or group_bytes + len(b.bits) > GROUP_BYTES):
+                    close_group()
+                    group_bytes = 0
+                group.append(b)
+                group_bytes += len(b.bits)
+        close_group()
         if not final:
-            return
-        await self.vault.run(self.vault.add_blocks, self.cfg.id, final, "pending")
-        await self._offer(final, pa)
-        for b in blocks:
-            b.wipe()
+            return False
+        await self.vault.run(self.vault.add_blocks, self.cfg.id, final, "pending", parts)
+        if full and got < want:
+            # The device has more: fetch the next round while the peer confirms this one.
+            await self._offer_slots.acquire()
+            self._offering.update(bid for bid, _ in final)
+            task = asyncio.create_task(self._offer_in_background(final, pa, parts, blocks))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return True
+        try:
+            await self._offer(final, pa, parts)
+        finally:
+            for b in blocks:
+                b.wipe()
+        return False
 
-    async def _offer(self, blocks: list[tuple[str, bytearray]], pa: dict[str, dict] | None = None) -> None:
+    async def _offer_in_background(self, final, pa, parts, blocks) -> None:
+        try:
+            await self._offer(final, pa, parts)
+        except QkdnodeError as exc:  # the blocks stay pending; the fill loop offers them again
+            log.warning("link %s: %s", self.cfg.id, exc)
+        except Exception:
+            log.exception("link %s: unexpected failure offering blocks", self.cfg.id)
+        finally:
+            self._offering.difference_update(bid for bid, _ in final)
+            for b in blocks:
+                b.wipe()
+            self._offer_slots.release()
+
+    async def _offer(self, blocks: list[tuple[str, bytearray]], pa: dict[str, dict] | None = None,
+                     parts: dict[str, list[str]] | None = None) -> None:
         """Offer blocks by keyed digest. Blocks in `pa` were privacy-amplified here; the peer
-        applies the same Toeplitz seed to its copy before it compares (after a restart the seed
-        is gone: such pending blocks are offered without it and the peer discards them)."""
+        applies the same Toeplitz seed to its copy before it compares. A block in `parts` is the
+        device's blocks of those IDs end to end (stored as one, named by the first); the peer
+        fetches them all and joins them the same way. After a restart the seeds are gone: such
+        pending blocks are offered without them and the peer discards them."""
         salt = secrets.token_bytes(16)
-        pa = pa or {}
+        pa, parts = pa or {}, parts or {}
         offers = [{"block_ID": bid, "size": len(bits), "digest": block_digest(salt, self.cfg.id, bid, bits),
-                   **({"pa": pa[bid]} if bid in pa else {})}
+                   **({"pa": pa[bid]} if bid in pa else {}), **({"parts": parts[bid]} if bid in parts else {})}
                   for bid, bits in blocks]
         for _, bits in blocks:
             bits[:] = bytes(len(bits))
@@ -211,11 +287,13 @@ class LinkPool:
         # A block the peer did not answer for stays pending and is offered again.
         discard = {k: v for k, v in discard.items() if v in ("mismatch", "unavailable", "pa")}
         await self.vault.run(self.vault.settle_blocks, self.cfg.id, ready, discard)
-        self.metrics.blocks_ready.labels(self.cfg.id).inc(len(ready))
+        # The metrics count device blocks, whether stored alone or joined.
+        count = {o["block_ID"]: len(o.get("parts", ())) or 1 for o in offers}
+        self.metrics.blocks_ready.labels(self.cfg.id).inc(sum(count[b] for b in ready))
         sizes = {o["block_ID"]: o["size"] for o in offers}
         self._ingested(8 * sum(sizes[b] for b in ready))
-        for reason in discard.values():
-            self.metrics.blocks_discarded.labels(self.cfg.id, reason).inc()
+        for bid, reason in discard.items():
+            self.metrics.blocks_discarded.labels(self.cfg.id, reason).inc(count[bid])
         if discard:
             log.warning("link %s: %d block(s) discarded at both ends (%s)", self.cfg.id, len(discard),
                         ", ".join(sorted(set(discard.values()))))
@@ -231,11 +309,18 @@ class LinkPool:
         offers = field(body, "blocks", list)
         wanted: dict[str, tuple[int, str]] = {}
         pa: dict[str, tuple[bytes, int]] = {}
+        parts: dict[str, list[str]] = {}
         for o in offers:
             if not isinstance(o, dict):
                 raise BadMessage("each offered block is an object")
             bid = field(o, "block_ID", str)
             wanted[bid] = (field(o, "size", int), field(o, "digest", str))
+            if "parts" in o:
+                p = o["parts"]
+                if not isinstance(p, list) or not 1 <= len(p) <= 4096 or p[0] != bid or \
+                        not all(isinstance(x, str) for x in p) or len(set(p)) != len(p):
+                    raise BadMessage("parts must be an array of distinct block IDs, the first the block's own")
+                parts[bid] = p
             if "pa" in o:
                 p = o["pa"] if isinstance(o["pa"], dict) else {}
                 try:
@@ -247,33 +332,53 @@ class LinkPool:
             results = {bid: "ready" for bid in have}
             todo = [bid for bid in wanted if bid not in have]
             if todo:
+                ids = [p for bid in todo for p in parts.get(bid, [bid])]
+                if len(set(ids)) != len(ids):
+                    raise BadMessage("a device block is named by two offered blocks")
                 await self._ensure_device()
+                # Single blocks in one call, as before; each joined block on its own, so that a part
+                # the device has lost costs that block alone.
+                missing: dict[str, str] = {}
+                singles = [bid for bid in todo if bid not in parts]
                 try:
-                    fetched = await self._fetch_each(todo, results)
+                    by_id = {b.block_id: b for b in (await self._fetch_each(singles, missing) if singles else [])}
+                    for bid in todo:
+                        if bid in parts:
+                            by_id.update((b.block_id, b) for b in await self._fetch_each(parts[bid], missing))
                 except DriverError:  # this end's device failed: show it here, not only in the master's log
                     self._device(False)
                     raise
                 self._device(True)
                 matching = []
-                for block in fetched:
-                    size, digest = wanted[block.block_id]
-                    bits = self._amplify(block, pa.get(block.block_id))
-                    if bits is None:
-                        results[block.block_id] = "pa"
-                        block.wipe()
+                for bid in todo:
+                    got = [by_id.get(p) for p in parts.get(bid, [bid])]
+                    if any(b is None for b in got):
+                        results[bid] = "unavailable"
+                        for b in got:
+                            if b is not None:
+                                b.wipe()
                         continue
-                    ok = len(bits) == size and hmac.compare_digest(
-                        digest, block_digest(salt, self.cfg.id, block.block_id, bits))
+                    size, digest = wanted[bid]
+                    if len(got) == 1:
+                        bits = self._amplify(got[0], pa.get(bid))
+                    else:  # joined device blocks are never amplified: leakage is per device block
+                        bits = None if bid in pa or any(b.leaked_bits for b in got) else \
+                            bytearray(b"".join(b.bits for b in got))
+                    for b in got:
+                        b.wipe()
+                    if bits is None:
+                        results[bid] = "pa"
+                        continue
+                    ok = len(bits) == size and hmac.compare_digest(digest, block_digest(salt, self.cfg.id, bid, bits))
                     if ok:
-                        matching.append((block.block_id, bytes(bits)))
-                    results[block.block_id] = "ready" if ok else "mismatch"
-                    block.wipe()
+                        matching.append((bid, bytes(bits)))
+                    results[bid] = "ready" if ok else "mismatch"
                     bits[:] = bytes(len(bits))
                 await self.vault.run(self.vault.add_blocks, self.cfg.id, matching, "ready")
-                for bid, r in results.items():
+                for bid, r in results.items():  # in device blocks, as at the master end
                     if r != "ready":
-                        self.metrics.blocks_discarded.labels(self.cfg.id, r).inc()
-                self.metrics.blocks_ready.labels(self.cfg.id).inc(len(matching))
+                        self.metrics.blocks_discarded.labels(self.cfg.id, r).inc(len(parts.get(bid, ())) or 1)
+                self.metrics.blocks_ready.labels(self.cfg.id).inc(sum(len(parts.get(b, ())) or 1 for b, _ in matching))
                 self._ingested(8 * sum(len(b) for _, b in matching))
         await self.refresh_gauge()
         return {"results": results}
@@ -312,18 +417,12 @@ class LinkPool:
         """Keys for a master SAE at this node and slave SAEs at the peer node, durable at both."""
         nbytes = size_bits // 8
         if self.cfg.is_master:
-            key_ids = [str(uuid.uuid4()) for _ in range(number)]
-            message = {"master": master, "slaves": slaves, "size": size_bits}
-            handouts = await self.vault.run(self.vault.carve, self.cfg.id, key_ids, nbytes, master, slaves, False,
-                                            message)
-            push = dict(message, keys=[{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts])
-            try:
-                await self.peer.call(self.cfg.id, "keys", push)
-            except (PeerUnavailable, PeerRejected, PoolExhausted) as exc:
-                await self.vault.run(self.vault.outbox_to_discard, key_ids)
-                raise PeerUnavailable(f"peer node {self.cfg.peer} could not take the keys ({exc}); "
-                                      "none were handed out") from None
-            self._confirmed.extend(key_ids)
+            # Requests that arrive while earlier ones are being cut and pushed wait and go together:
+            # one vault operation and one peer call for all of them (docs/performance.md).
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting.append((master, slaves, number, size_bits, fut))
+            self._start_batches()
+            return await fut
         else:
             answer = await self.peer.call(self.cfg.id, "allocate",
                                           {"master": master, "slaves": slaves, "number": number, "size": size_bits})
@@ -342,6 +441,96 @@ class LinkPool:
         await self.refresh_gauge()
         return handouts
 
+    def _start_batches(self) -> None:
+        while self._waiting and self._in_flight < MAX_BATCHES_IN_FLIGHT:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            self._in_flight += 1
+            task = asyncio.create_task(self._hand_out_batch(batch))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._batch_tasks.discard(task)
+        self._in_flight -= 1
+        self._start_batches()
+
+    async def _hand_out_batch(self, batch: list[tuple]) -> None:
+        """Master end: cut keys for several requests in one vault operation (with their outbox
+        rows), push them to the peer in one call, and answer each request. A request the pool
+        cannot cover fails alone (PoolExhausted); one the peer refuses fails alone; if the push
+        fails, every request of the batch fails and none of their keys is handed out."""
+        try:
+            calls = []
+            for master, slaves, number, size_bits, _ in batch:
+                message = {"master": master, "slaves": slaves, "size": size_bits}
+                calls.append(([new_key_id() for _ in range(number)], size_bits // 8, master, slaves, False, message))
+            carved = await self.vault.run(self.vault.carve_batch, self.cfg.id, calls)
+            pushed = []  # (request, its hand-outs, its push message)
+            for (master, slaves, number, size_bits, fut), (handouts, exc) in zip(batch, carved):
+                if exc is not None:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                    continue
+                push = {"master": master, "slaves": slaves, "size": size_bits,
+                        "keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
+                pushed.append((fut, handouts, push))
+            if not pushed:
+                return
+            refused = await self._push(pushed)
+            discard = [h.key_ID for i, (_, handouts, _) in enumerate(pushed) if i in refused for h in handouts]
+            if discard:
+                await self.vault.run(self.vault.outbox_to_discard, discard)
+            await self.refresh_gauge()
+            for i, (fut, handouts, _) in enumerate(pushed):
+                if i in refused:
+                    exc = PeerUnavailable(f"peer node {self.cfg.peer} could not take the keys ({refused[i]}); "
+                                          "none were handed out")
+                    if not fut.done():
+                        fut.set_exception(exc)
+                    continue
+                self._confirmed.extend(h.key_ID for h in handouts)
+                if not fut.done():
+                    fut.set_result(handouts)
+        except BaseException as exc:  # anything else: no request of the batch may wait for ever
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else PeerUnavailable("stopping"))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _push(self, pushed: list[tuple]) -> dict[int, Exception]:
+        """Send the cut keys of several requests to the peer; returns the ones it did not take."""
+        if len(pushed) == 1:
+            try:
+                await self.peer.call(self.cfg.id, "keys", pushed[0][2])
+                return {}
+            except (PeerUnavailable, PeerRejected, PoolExhausted) as exc:
+                return {0: exc}
+        try:
+            answer = await self.peer.call(self.cfg.id, "keys", {"batch": [p for _, _, p in pushed]})
+        except PeerRejected as exc:
+            if exc.answer.get("message", "").startswith("field 'master'"):  # a peer without batches
+                return await self._push_one_by_one(pushed)
+            return {i: exc for i in range(len(pushed))}
+        except (PeerUnavailable, PoolExhausted) as exc:
+            return {i: exc for i in range(len(pushed))}
+        results = answer.get("results")
+        if not isinstance(results, list) or len(results) != len(pushed):
+            exc = PeerRejected(f"peer node {self.cfg.peer}: a batch of {len(pushed)} pushes answered without "
+                               "one result each")
+            return {i: exc for i in range(len(pushed))}
+        return {i: PeerRejected(f"peer node {self.cfg.peer}: {r.get('error') if isinstance(r, dict) else r}")
+                for i, r in enumerate(results) if not (isinstance(r, dict) and "stored" in r)}
+
+    async def _push_one_by_one(self, pushed: list[tuple]) -> dict[int, Exception]:
+        refused: dict[int, Exception] = {}
+        for i, (_, _, push) in enumerate(pushed):
+            try:
+                await self.peer.call(self.cfg.id, "keys", push)
+            except (PeerUnavailable, PeerRejected, PoolExhausted) as exc:
+                refused[i] = exc
+        return refused
+
     async def _discard_at_peer(self, items: list[dict], reason: str) -> None:
         try:
             await self.peer.call(self.cfg.id, "discard", {"keys": items, "reason": reason})
@@ -356,16 +545,20 @@ class LinkPool:
         number, size = field(body, "number", int), field(body, "size", int)
         if number < 1 or size < 8 or size % 8:
             raise BadMessage("number >= 1 and size a positive multiple of 8 expected")
-        key_ids = [str(uuid.uuid4()) for _ in range(number)]
+        key_ids = [new_key_id() for _ in range(number)]
         handouts = await self.vault.run(self.vault.carve, self.cfg.id, key_ids, size // 8, master, slaves, True)
         self.consumed_bits += number * size
         await self.refresh_gauge()
         return {"keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
 
     async def on_keys(self, body: dict) -> dict:
-        """The link's master node cut keys for its SAE; keep the same bits for our slave SAEs."""
+        """The link's master node cut keys for its SAE; keep the same bits for our slave SAEs.
+        A body with `batch` carries several such messages: each is checked and stored on its own
+        (one vault operation for all), and answered in `results` ({"stored": n} or {"error": ...})."""
         if self.cfg.is_master:
             raise BadMessage(f"node {self.node_id} is the master end of link {self.cfg.id}; it cuts its own keys")
+        if "batch" in body:
+            return await self._on_keys_batch(field(body, "batch", list))
         (master, slaves), size = self._parties(body), field(body, "size", int)
         items = field(body, "keys", list)
         if size < 8 or size % 8:
@@ -377,6 +570,31 @@ class LinkPool:
         self.consumed_bits += len(stored) * size
         await self.refresh_gauge()
         return {"stored": len(stored)}
+
+    async def _on_keys_batch(self, batch: list) -> dict:
+        results: list[dict | None] = [None] * len(batch)
+        calls, at = [], []
+        for i, body in enumerate(batch):
+            try:
+                if not isinstance(body, dict):
+                    raise BadMessage("each message of a batch is an object")
+                (master, slaves), size = self._parties(body), field(body, "size", int)
+                items = field(body, "keys", list)
+                if size < 8 or size % 8:
+                    raise BadMessage("size must be a positive multiple of 8")
+                key_ids = [field(k, "key_ID", str) if isinstance(k, dict) else "" for k in items]
+                calls.append((key_ids, [ranges_of(k) for k in items], size // 8, master, slaves, True))
+                at.append(i)
+            except BadMessage as exc:
+                results[i] = {"error": str(exc)}
+        if calls:
+            stored = await self.vault.run(self.vault.apply_carve_batch, self.cfg.id, calls)
+            for i, (n, exc) in zip(at, stored):
+                if exc is not None:
+                    log.error("link %s: %s", self.cfg.id, exc)
+                results[i] = {"stored": n} if exc is None else {"error": str(exc)}
+        await self.refresh_gauge()
+        return {"results": results}
 
     async def on_discard(self, body: dict) -> dict:
         reason = str(body.get("reason", "hand-out failed"))[:200]

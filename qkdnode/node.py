@@ -168,7 +168,8 @@ class Node:
         return await reload_node(self)
 
     async def _serve(self, app: web.Application, where: Listen, ssl_context) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # A request still waiting for a device after 5 s of shutdown is cancelled (aiohttp waits 60 s).
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
         site = web.TCPSite(runner, where.host, where.port, ssl_context=ssl_context, reuse_address=True)
         try:

@@ -23,6 +23,7 @@ Lifecycle, all transitions in this module:
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import json
 import logging
@@ -38,11 +39,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import sqlite_utils
+from json.encoder import encode_basestring_ascii as _jstr  # json.dumps' own string encoder (C)
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qkdnode.config import VaultConfig
-from qkdnode.errors import CarveConflict, NotYourKey, PoolExhausted, SealBroken, UnknownKey, VaultError
+from qkdnode.errors import (CarveConflict, NotYourKey, PoolExhausted, QkdnodeError, SealBroken, UnknownKey,
+                            VaultError)
 
 log = logging.getLogger("qkdnode.vault")
 
@@ -50,6 +53,7 @@ SCHEMA_VERSION = 1
 MASTER_KEY_BYTES = 32
 _NONCE = 12
 _MAX_GROUP = 512
+PURGE_USED_AT = 4096  # rows of used-up blocks deleted together
 
 Range = tuple[str, int, int]  # (block_ID, start byte, end byte) of one piece of a key
 
@@ -143,8 +147,36 @@ def _free(size: int, carved: list[list[int]]) -> list[tuple[int, int]]:
     return free
 
 
+def new_key_id() -> str:
+    """A fresh key_ID: a UUID of version 7 (RFC 9562), 48 bits of Unix time in ms and 74 random
+    bits. Time-ordered IDs land next to each other in the vault's indexes, so a group commit
+    writes a few index pages rather than one random page per key (key_IDs are not secret)."""
+    r = int.from_bytes(os.urandom(10), "big")
+    h = "%012x7%03x%04x%012x" % (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF, r >> 68 & 0xFFF,
+                                 0x8000 | (r >> 48 & 0x3FFF), r & 0xFFFF_FFFF_FFFF)  # version 7, variant 10
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def _zero(buf: bytearray) -> None:
     buf[:] = bytes(len(buf))
+
+
+class _Redo(Exception):
+    """An operation of a group failed without savepoints: run the group again, the careful way."""
+
+
+# Operations that read or write only the database (and their arguments): safe to undo and run
+# again when a group is re-run. Any other operation (key rotation, export) runs in a group of
+# its own, under a savepoint, exactly once.
+_RERUNNABLE = frozenset({
+    "add_blocks", "pending_blocks", "pending_parts", "ready_block_ids", "settle_blocks", "free_bytes", "held_bytes", "carve",
+    "carve_batch", "apply_carve", "apply_carve_batch", "store_relayed", "record_issued", "discard_key", "deliver", "outbox_items", "outbox_done",
+    "outbox_to_discard", "pool_bits", "counts", "prune_audit",
+})
+
+
+def _rerunnable(op: Callable) -> bool:
+    return isinstance(getattr(op, "__self__", None), Vault) and op.__name__ in _RERUNNABLE
 
 
 @dataclass(frozen=True)
@@ -176,10 +208,16 @@ class Vault:
         self._keys: dict[int, AESGCM] = {}   # data key generation -> cipher
         self._active = 0                     # generation that seals new rows
         self._conn: sqlite3.Connection | None = None
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue()  # lists of (op, args, future), None to stop
+        self._submitted: dict[asyncio.AbstractEventLoop, list] = {}  # per event loop, not yet queued
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
         self.max_group = max_group
+        # Bytes of key per (link, block state): committed, and the change the open transaction made.
+        # Kept here because summing `free` over every block of a large pool costs milliseconds.
+        self._totals: dict[tuple[str, str], int] = {}
+        self._delta: dict[tuple[str, str], int] = {}
+        self._used = 0  # rows of used-up blocks not yet deleted
         self.on_commit = on_commit
         self.vault_id = ""
 
@@ -209,6 +247,12 @@ class Vault:
                     raise VaultError(f"{self.path} is an SQLite file but not a qkdnode vault")
                 self._create_schema(db)
             self._unlock(conn)
+            if exclusive and "parts" not in {c for _, c, *_ in conn.execute("PRAGMA table_info(blocks)")}:
+                # Added after the first release: the device blocks a joined block is made of (IDs only).
+                conn.execute("ALTER TABLE blocks ADD COLUMN parts TEXT")
+            self._totals = {(link, state): free for link, state, free in
+                            conn.execute("SELECT link, state, SUM(free) FROM blocks GROUP BY link, state")}
+            self._used = conn.execute("SELECT COUNT(*) FROM blocks WHERE state='used'").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             conn.close()
             self._release_lock()
@@ -245,7 +289,7 @@ class Vault:
         db["meta"].create({"name": str, "value": bytes}, pk="name")
         db["blocks"].create(
             {"link": str, "block_id": str, "state": str, "size": int, "free": int, "carved": str,
-             "sealed": bytes, "created": float},
+             "sealed": bytes, "created": float, "parts": str},
             pk=("link", "block_id"),
         )
         db["blocks"].create_index(["link", "state", "created"])
@@ -324,8 +368,8 @@ class Vault:
     # A sealed value is: data key generation (4 bytes) | nonce (12) | AES-256-GCM ciphertext and tag.
 
     def _seal(self, aad: bytes, data: bytes | bytearray) -> bytes:
-        nonce = secrets.token_bytes(_NONCE)
-        return self._active.to_bytes(4, "big") + nonce + self._keys[self._active].encrypt(nonce, bytes(data), aad)
+        nonce = os.urandom(_NONCE)
+        return self._active.to_bytes(4, "big") + nonce + self._keys[self._active].encrypt(nonce, data, aad)
 
     def _open(self, aad: bytes, blob: bytes, what: str) -> bytearray:
         cipher = self._keys.get(int.from_bytes(blob[:4], "big"))
@@ -336,13 +380,17 @@ class Vault:
         except InvalidTag:
             raise SealBroken(f"{what} failed authentication: the row was altered, swapped or moved") from None
 
+    # The AAD is the JSON array json.dumps() makes of these fields (rows sealed by earlier versions
+    # must still open); written out by hand because json.dumps costs several microseconds a call.
     @staticmethod
     def _block_aad(link: str, block_id: str, state: str, size: int, carved: str) -> bytes:
-        return json.dumps(["blocks", link, block_id, state, size, carved]).encode()
+        return (f'["blocks", {_jstr(link)}, {_jstr(block_id)}, {_jstr(state)}, {int(size)}, '
+                f'{_jstr(carved)}]').encode()
 
     @staticmethod
     def _key_aad(key_id: str, link: str, master: str, slaves: str, pending: str, size_bits: int) -> bytes:
-        return json.dumps(["keys", key_id, link, master, slaves, pending, size_bits]).encode()
+        return (f'["keys", {_jstr(key_id)}, {_jstr(link)}, {_jstr(master)}, {_jstr(slaves)}, {_jstr(pending)}, '
+                f'{int(size_bits)}]').encode()
 
     # -- the writer thread (group commit)
 
@@ -350,44 +398,70 @@ class Vault:
         """Run op(*args) in the writer thread inside a group transaction; return after COMMIT."""
         if self._thread is None:
             raise VaultError("vault is not open")
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.put((op, args, fut))
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        # Operations submitted in one turn of the event loop reach the writer together (one queue
+        # item, one wake-up): tasks resumed by one commit then share the next one, instead of the
+        # writer waking on the first of them and committing it alone.
+        pending = self._submitted.get(loop)
+        if pending is None:
+            pending = self._submitted[loop] = []
+            loop.call_soon(self._submit, loop)
+        pending.append((op, args, fut))
         return await fut
+
+    def _submit(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.put(self._submitted.pop(loop))
 
     def _writer(self) -> None:
         conn = self._conn
+        backlog: collections.deque = collections.deque()  # operations taken from the queue, not yet run
+        stop = False
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < self.max_group:
+            if not backlog and not stop:
+                item = self._queue.get()
+                if item is None:
+                    stop = True
+                else:
+                    backlog.extend(item)
+            while not stop:
                 try:
-                    nxt = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
+                if item is None:
                     stop = True
-                    break
-                batch.append(nxt)
-            outcomes = []
+                else:
+                    backlog.extend(item)
+            if not backlog:
+                if self._used:  # a clean stop leaves no row of a used-up block behind
+                    self._purge_used()
+                return
+            batch = [backlog.popleft()]
+            if _rerunnable(batch[0][0]):
+                while backlog and len(batch) < self.max_group and _rerunnable(backlog[0][0]):
+                    batch.append(backlog.popleft())
             started = time.perf_counter()
             try:
                 # Deferred: a read-only group (`vault check` beside the daemon) takes no write lock.
                 # Writers never race: the vault's lock file admits one writing process.
+                self._delta = {}
                 conn.execute("BEGIN")
-                for op, args, fut in batch:
-                    conn.execute("SAVEPOINT op")
+                if len(batch) > 1:
                     try:
-                        result = op(*args)
-                        conn.execute("RELEASE op")
-                        outcomes.append((fut, result, None))
-                    except Exception as exc:  # the op's own failure: undo just its writes
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
-                        outcomes.append((fut, None, exc))
+                        outcomes = self._run_group(batch)
+                    except _Redo:  # an operation failed half-way: undo the lot, then one savepoint each
+                        conn.execute("ROLLBACK")
+                        self._delta = {}
+                        conn.execute("BEGIN")
+                        outcomes = self._run_each(batch)
+                else:
+                    outcomes = self._run_each(batch)
                 conn.execute("COMMIT")
+                for k, n in self._delta.items():
+                    self._totals[k] = self._totals.get(k, 0) + n
+                if self._used >= PURGE_USED_AT:
+                    self._purge_used()
                 if self.on_commit:
                     self.on_commit(len(batch), time.perf_counter() - started)
             except Exception as exc:  # the commit itself failed: nothing of the group is durable
@@ -404,8 +478,62 @@ class Vault:
                     loop.call_soon_threadsafe(_resolve, group)
                 except RuntimeError:  # that loop is closed: nobody waits for these answers any more
                     pass
-            if stop:
-                return
+
+    def _purge_used(self) -> None:
+        """In the writer thread, between groups: delete the rows of used-up blocks in one go."""
+        try:
+            self._conn.execute("BEGIN")
+            self._conn.execute("DELETE FROM blocks WHERE state='used'")
+            self._conn.execute("COMMIT")
+            self._used = 0
+        except sqlite3.DatabaseError as exc:  # tried again after the next group
+            log.warning("vault: deleting used-up blocks failed: %s", exc)
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+
+    def _run_each(self, batch: list) -> list:
+        """Each operation under its own savepoint, so that one failure undoes only its own writes."""
+        conn, outcomes = self._conn, []
+        for op, args, fut in batch:
+            conn.execute("SAVEPOINT op")
+            delta = dict(self._delta)
+            try:
+                result = op(*args)
+                conn.execute("RELEASE op")
+                outcomes.append((fut, result, None))
+            except Exception as exc:  # the op's own failure: undo just its writes
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                self._delta = delta
+                outcomes.append((fut, None, exc))
+        return outcomes
+
+    def _run_group(self, batch: list) -> list:
+        """The fast way: no savepoints, and runs of hand-outs from one link cut in one pass. Any
+        operation that raises (it may have written part of its changes) makes the writer undo the
+        whole group and run it again the careful way (`_run_each`); a hand-out refused for lack of
+        key is not such a failure: it is refused before it writes anything."""
+        outcomes, i = [], 0
+        while i < len(batch):
+            op, args, fut = batch[i]
+            if getattr(op, "__func__", None) is Vault.carve and getattr(op, "__self__", None) is self:
+                j = i + 1
+                while j < len(batch) and getattr(batch[j][0], "__func__", None) is Vault.carve and \
+                        batch[j][0].__self__ is self and batch[j][1][0] == args[0]:
+                    j += 1
+                try:
+                    results = self._carve_many(args[0], [(*a[1:], None)[:6] for _, a, _ in batch[i:j]])
+                except Exception:
+                    raise _Redo from None
+                outcomes.extend((f, *r) for (_, _, f), r in zip(batch[i:j], results))
+                i = j
+                continue
+            try:
+                outcomes.append((fut, op(*args), None))
+            except Exception:
+                raise _Redo from None
+            i += 1
+        return outcomes
 
     def _audit(self, event: str, key_id: str | None, sae: str | None, link: str | None,
                size_bits: int | None, detail: str = "") -> None:
@@ -417,23 +545,33 @@ class Vault:
     # ------------------------------------------------------------ block transitions
     # Each method below runs in the writer thread (call it through `run`).
 
-    def add_blocks(self, link: str, blocks: list[tuple[str, bytes]], state: str) -> list[str]:
-        """Store link key blocks as `pending` (master, before the peer confirmed) or `ready`.
+    def add_blocks(self, link: str, blocks: list[tuple[str, bytes]], state: str,
+                   parts: dict[str, list[str]] | None = None) -> list[str]:
+        """Store link key blocks as `pending` (master, before the peer confirmed) or `ready`;
+        `parts` names the device blocks a block joins (kept so that it can be offered again).
         Blocks already held are left as they are; returns the IDs newly stored."""
-        added, now = [], time.time()
+        added, audit, total, now = [], [], 0, time.time()
+        parts = parts or {}
+        insert = "INSERT OR IGNORE INTO blocks (link, block_id, state, size, free, carved, sealed, created, parts) " \
+                 "VALUES (?,?,?,?,?,?,?,?,?)"
         for block_id, bits in blocks:
-            if self._conn.execute("SELECT 1 FROM blocks WHERE link=? AND block_id=?", (link, block_id)).fetchone():
-                continue
             size = len(bits)
             sealed = self._seal(self._block_aad(link, block_id, state, size, "[]"), bits)
-            self._conn.execute(
-                "INSERT INTO blocks (link, block_id, state, size, free, carved, sealed, created) VALUES (?,?,?,?,?,?,?,?)",
-                (link, block_id, state, size, size, "[]", sealed, now),
-            )
+            joined = json.dumps(parts[block_id]) if block_id in parts else None
+            if not self._conn.execute(insert, (link, block_id, state, size, size, "[]", sealed, now, joined)).rowcount:
+                continue  # held already
             added.append(block_id)
+            total += size
             if state == "ready":
-                self._audit("block_ready", None, None, link, size * 8, block_id)
+                audit.append((now, "block_ready", None, None, link, size * 8, block_id))
+        if audit:
+            self._conn.executemany(
+                "INSERT INTO audit (ts, event, key_id, sae, link, size_bits, detail) VALUES (?,?,?,?,?,?,?)", audit)
+        self._count(link, state, total)
         return added
+
+    def _count(self, link: str, state: str, nbytes: int) -> None:
+        self._delta[link, state] = self._delta.get((link, state), 0) + nbytes
 
     def pending_blocks(self, link: str) -> list[tuple[str, bytearray]]:
         rows = self._conn.execute(
@@ -442,6 +580,12 @@ class Vault:
         ).fetchall()
         return [(bid, self._open(self._block_aad(link, bid, "pending", size, carved), sealed, f"block {bid}"))
                 for bid, size, carved, sealed in rows]
+
+    def pending_parts(self, link: str) -> dict[str, list[str]]:
+        """The device blocks each pending joined block of a link is made of."""
+        rows = self._conn.execute("SELECT block_id, parts FROM blocks WHERE link=? AND state='pending' "
+                                  "AND parts IS NOT NULL", (link,))
+        return {bid: json.loads(p) for bid, p in rows}
 
     def ready_block_ids(self, link: str, block_ids: list[str]) -> set[str]:
         found = set()
@@ -465,11 +609,21 @@ class Vault:
                 "UPDATE blocks SET state='ready', sealed=? WHERE link=? AND block_id=?",
                 (self._seal(self._block_aad(link, bid, "ready", size, carved), bits), link, bid))
             _zero(bits)
+            self._count(link, "pending", -size)
+            self._count(link, "ready", size)
             self._audit("block_ready", None, None, link, size * 8, bid)
         for bid, reason in discard.items():
-            cur = self._conn.execute("DELETE FROM blocks WHERE link=? AND block_id=? AND state='pending'", (link, bid))
-            if cur.rowcount:
-                self._audit("block_discarded", None, None, link, None, f"{bid}: {reason}")
+            row = self._conn.execute("SELECT free FROM blocks WHERE link=? AND block_id=? AND state='pending'",
+                                     (link, bid)).fetchone()
+            if row is None:
+                continue
+            self._conn.execute("DELETE FROM blocks WHERE link=? AND block_id=? AND state='pending'", (link, bid))
+            self._count(link, "pending", -row[0])
+            self._audit("block_discarded", None, None, link, None, f"{bid}: {reason}")
+
+    def _bytes(self, link: str, state: str) -> int:
+        """In the writer thread: as this transaction sees it so far."""
+        return self._totals.get((link, state), 0) + self._delta.get((link, state), 0)
 
     def drop_link_blocks(self, link: str) -> int:
         """A link removed for good (a switched link deleted): its blocks, pending or ready, are
@@ -480,76 +634,98 @@ class Vault:
         return cur.rowcount
 
     def free_bytes(self, link: str) -> int:
-        row = self._conn.execute("SELECT COALESCE(SUM(free), 0) FROM blocks WHERE link=? AND state='ready'",
-                                 (link,)).fetchone()
-        return row[0]
+        return self._bytes(link, "ready")
 
     def held_bytes(self, link: str) -> int:
         """Ready and pending key of a link: what the master counts against its pool target."""
-        row = self._conn.execute("SELECT COALESCE(SUM(free), 0) FROM blocks WHERE link=?", (link,)).fetchone()
-        return row[0]
+        return self._bytes(link, "ready") + self._bytes(link, "pending")
 
     # ------------------------------------------------------------ carving keys out of blocks
 
-    def _take(self, link: str, pieces: dict[str, list[tuple[int, int]]]) -> dict[tuple[str, int, int], bytes]:
+    def _take(self, link: str, pieces: dict[str, list[tuple[int, int]]],
+              rows: dict[str, tuple[int, str, bytes]] | None = None) -> dict[tuple[str, int, int], bytes]:
         """Cut the given byte ranges out of ready blocks: return their bits, zero them in the
-        stored block (re-sealed, bound to the new bookkeeping), delete blocks used up."""
+        stored block (re-sealed, bound to the new bookkeeping), delete blocks used up. `rows`:
+        (size, carved, sealed) of ready blocks the caller has just read."""
         out: dict[tuple[str, int, int], bytes] = {}
+        gone: list[tuple[str, str]] = []
         for bid, ranges in pieces.items():
-            row = self._conn.execute(
-                "SELECT size, carved, sealed FROM blocks WHERE link=? AND block_id=? AND state='ready'",
-                (link, bid)).fetchone()
+            row = rows.get(bid) if rows is not None else None
+            if row is None:
+                row = self._conn.execute(
+                    "SELECT size, carved, sealed FROM blocks WHERE link=? AND block_id=? AND state='ready'",
+                    (link, bid)).fetchone()
             if row is None:
                 raise CarveConflict(f"link {link}: block {bid} is not a ready block of this node")
             size, carved_json, sealed = row
-            carved = json.loads(carved_json)
+            carved = json.loads(carved_json) if carved_json != "[]" else []
             for s, e in ranges:
                 if not (0 <= s < e <= size) or any(s < ce and cs < e for cs, ce in carved):
                     raise CarveConflict(f"link {link}: bytes {s}..{e} of block {bid} are used or out of range")
+            if len(ranges) > 1:
+                ordered = sorted(ranges)
+                for (_, e1), (s2, e2) in zip(ordered, ordered[1:]):
+                    if s2 < e1:  # two keys of this cut would share bytes
+                        raise CarveConflict(f"link {link}: bytes {s2}..{e2} of block {bid} are named twice")
             bits = self._open(self._block_aad(link, bid, "ready", size, carved_json), sealed, f"block {bid}")
             for s, e in ranges:
                 out[(bid, s, e)] = bytes(bits[s:e])
                 bits[s:e] = bytes(e - s)
+            self._count(link, "ready", -sum(e - s for s, e in ranges))
             new_carved = _merge([tuple(c) for c in carved] + list(ranges))
             free = size - sum(e - s for s, e in new_carved)
             if free == 0:
-                self._conn.execute("DELETE FROM blocks WHERE link=? AND block_id=?", (link, bid))
+                gone.append((link, bid))
             else:
                 cj = json.dumps(new_carved)
                 self._conn.execute(
                     "UPDATE blocks SET carved=?, free=?, sealed=? WHERE link=? AND block_id=?",
                     (cj, free, self._seal(self._block_aad(link, bid, "ready", size, cj), bits), link, bid))
             _zero(bits)
+        if gone:
+            # A used-up block keeps its row, without its sealed bits (secure_delete zeroes them),
+            # until `_purge_used` deletes such rows many at a time: deleting each at once would
+            # touch a random page of the block ID index per block, a page per block per commit.
+            self._conn.executemany("UPDATE blocks SET state='used', free=0, sealed=x'' WHERE link=? AND block_id=?",
+                                   gone)
+            self._used += len(gone)
         return out
 
     def _record(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
-                slaves: list[str], store: bool, outbox_message: dict | None) -> list[HandOut]:
-        pieces: dict[str, list[tuple[int, int]]] = {}
-        for key_ranges in ranges:
-            for bid, s, e in key_ranges:
-                pieces.setdefault(bid, []).append((s, e))
-        taken = self._take(link, pieces)
+                slaves: list[str], store: bool, outbox_message: dict | None,
+                taken: dict[tuple[str, int, int], bytes] | None = None) -> list[HandOut]:
+        if taken is None:
+            pieces: dict[str, list[tuple[int, int]]] = {}
+            for key_ranges in ranges:
+                for bid, s, e in key_ranges:
+                    pieces.setdefault(bid, []).append((s, e))
+            taken = self._take(link, pieces)
         slaves_json = json.dumps(sorted(slaves))
         now = time.time()
-        result = []
+        size_bits = nbytes * 8
+        result, key_rows, audit_rows, outbox_rows = [], [], [], []
+        event = "key_stored" if store else "key_issued"
         for key_id, key_ranges in zip(key_ids, ranges):
             bits = b"".join(taken[(bid, s, e)] for bid, s, e in key_ranges)
             if len(bits) != nbytes:
                 raise CarveConflict(f"key {key_id}: pieces add up to {len(bits)} bytes, expected {nbytes}")
             if store:  # this node serves the slaves: keep the bits, sealed, until each has fetched them
-                aad = self._key_aad(key_id, link, master, slaves_json, slaves_json, nbytes * 8)
-                self._conn.execute(
-                    "INSERT INTO keys (key_id, link, master_sae, slaves, pending, size_bits, sealed, created) "
-                    "VALUES (?,?,?,?,?,?,?,?)",
-                    (key_id, link, master, slaves_json, slaves_json, nbytes * 8, self._seal(aad, bits), now))
-                self._audit("key_stored", key_id, master, link, nbytes * 8, slaves_json)
-            else:  # this node serves the master SAE, which gets the bits in the answer
-                self._audit("key_issued", key_id, master, link, nbytes * 8, slaves_json)
+                aad = self._key_aad(key_id, link, master, slaves_json, slaves_json, size_bits)
+                key_rows.append((key_id, link, master, slaves_json, slaves_json, size_bits, self._seal(aad, bits), now))
+            # else this node serves the master SAE, which gets the bits in the answer: audit only
+            audit_rows.append((now, event, key_id, master, link, size_bits, slaves_json))
             if outbox_message is not None:
                 msg = dict(outbox_message, key_ID=key_id, ranges=key_ranges)
-                self._conn.execute("INSERT INTO outbox (key_id, link, kind, message, created) VALUES (?,?,?,?,?)",
-                                   (key_id, link, "keys", json.dumps(msg), now))
+                outbox_rows.append((key_id, link, "keys", json.dumps(msg), now))
             result.append(HandOut(key_id, key_ranges, bits))
+        c = self._conn
+        if key_rows:
+            c.executemany("INSERT INTO keys (key_id, link, master_sae, slaves, pending, size_bits, sealed, created) "
+                          "VALUES (?,?,?,?,?,?,?,?)", key_rows)
+        c.executemany("INSERT INTO audit (ts, event, key_id, sae, link, size_bits, detail) VALUES (?,?,?,?,?,?,?)",
+                      audit_rows)
+        if outbox_rows:
+            c.executemany("INSERT INTO outbox (key_id, link, kind, message, created) VALUES (?,?,?,?,?)", outbox_rows)
         return result
 
     def carve(self, link: str, key_ids: list[str], nbytes: int, master: str, slaves: list[str], store: bool,
@@ -557,28 +733,131 @@ class Vault:
         """Allocate fresh keys from the oldest ready key of a link (the link's master node does
         this, and only it, so the two ends never hand out the same bits). All or nothing: with
         too little ready key, raises PoolExhausted and changes nothing."""
-        rows = self._conn.execute(
-            "SELECT block_id, size, carved FROM blocks WHERE link=? AND state='ready' ORDER BY created, rowid",
+        ((result, exc),) = self._carve_many(link, [(key_ids, nbytes, master, slaves, store, outbox)])
+        if exc is not None:
+            raise exc
+        return result
+
+    def _carve_many(self, link: str, calls: list[tuple]) -> list[tuple[list[HandOut] | None, Exception | None]]:
+        """Several `carve` calls on one link in one pass, as if run one after the other: one scan
+        of the ready blocks, each block opened and re-sealed (or deleted) once. A call that finds
+        too little key left gets PoolExhausted and takes nothing; the others are unaffected."""
+        cur = self._conn.execute(
+            "SELECT block_id, size, carved, sealed FROM blocks WHERE link=? AND state='ready' ORDER BY created, rowid",
             (link,))
-        ranges: list[list[Range]] = []
-        current: list[Range] = []
-        want = nbytes
-        for bid, size, carved in rows:
-            for s, e in _free(size, json.loads(carved)):
-                while s < e and len(ranges) < len(key_ids):
-                    n = min(want, e - s)
-                    current.append((bid, s, s + n))
-                    s += n
+        rows: dict[str, tuple[int, str, bytes]] = {}
+        free: list[tuple[str, int, int]] = []   # free byte ranges of the blocks read so far, oldest first
+        at, offset = 0, 0                       # the first free byte not yet allocated: free[at], offset into it
+        exhausted = False
+        planned: list[list[list[Range]] | None] = []
+        allocated = 0
+        refused_at: list[int] = []              # bytes allocated before each refused call
+        for key_ids, nbytes, *_ in calls:
+            need = nbytes * len(key_ids)
+            keys: list[list[Range]] = []
+            a, o = at, offset
+            while len(keys) < len(key_ids):
+                current: list[Range] = []
+                want = nbytes
+                while want:
+                    while a == len(free) and not exhausted:  # read the next ready block
+                        row = cur.fetchone()
+                        if row is None:
+                            exhausted = True
+                            break
+                        bid, size, carved, sealed = row
+                        rows[bid] = (size, carved, sealed)
+                        free.extend((bid, s, e) for s, e in _free(size, json.loads(carved) if carved != "[]" else []))
+                    if a == len(free):
+                        break
+                    bid, s, e = free[a]
+                    n = min(want, e - s - o)
+                    current.append((bid, s + o, s + o + n))
                     want -= n
-                    if want == 0:
-                        ranges.append(current)
-                        current, want = [], nbytes
-            if len(ranges) == len(key_ids):
-                break
-        else:  # ran out of ready blocks before the request was covered; nothing was written yet
-            raise PoolExhausted(f"link {link}: {nbytes * len(key_ids) * 8} bits asked, "
-                                f"{self.free_bytes(link) * 8} ready")
-        return self._record(link, key_ids, ranges, nbytes, master, slaves, store, outbox)
+                    o += n
+                    if s + o == e:
+                        a, o = a + 1, 0
+                if want:
+                    break
+                keys.append(current)
+            if len(keys) < len(key_ids):
+                planned.append(None)
+                refused_at.append(allocated)
+                continue
+            at, offset = a, o
+            allocated += need
+            planned.append(keys)
+        cur.close()
+        pieces: dict[str, list[tuple[int, int]]] = {}
+        for keys in planned:
+            for key_ranges in keys or ():
+                for bid, s, e in key_ranges:
+                    pieces.setdefault(bid, []).append((s, e))
+        taken = self._take(link, pieces, rows) if pieces else {}
+        out: list[tuple[list[HandOut] | None, Exception | None]] = []
+        ready_before = self.free_bytes(link) + allocated if refused_at else 0
+        refused = iter(refused_at)
+        for (key_ids, nbytes, master, slaves, store, outbox), keys in zip(calls, planned):
+            if keys is None:
+                out.append((None, PoolExhausted(f"link {link}: {nbytes * len(key_ids) * 8} bits asked, "
+                                                f"{(ready_before - next(refused)) * 8} ready")))
+                continue
+            out.append((self._record(link, key_ids, keys, nbytes, master, slaves, store, outbox, taken), None))
+        return out
+
+    def carve_batch(self, link: str, calls: list[tuple]) -> list[tuple[list[HandOut] | None, Exception | None]]:
+        """Several hand-outs of one link at once (the link pool batches concurrent requests):
+        `calls` are the arguments of `carve` after the link; each gets its hand-outs or its
+        exception (PoolExhausted), as if each had been a `carve` of its own, one after the other."""
+        return self._carve_many(link, [(*c, None)[:6] for c in calls])
+
+    def apply_carve_batch(self, link: str, calls: list[tuple]) -> list[tuple[int | None, Exception | None]]:
+        """`apply_carve` for several messages in one operation: `calls` are its arguments after
+        the link; each gets the number of keys it stored here, or the exception that refused it
+        (that message alone then changes nothing)."""
+        self._conn.execute("SAVEPOINT batch")
+        delta = dict(self._delta)
+        try:  # the common case, every message good: their keys cut in one pass over their blocks
+            out = self._apply_carves(link, calls)
+            self._conn.execute("RELEASE batch")
+            return out
+        except QkdnodeError:
+            self._conn.execute("ROLLBACK TO batch")
+            self._conn.execute("RELEASE batch")
+            self._delta = delta
+        out = []
+        for args in calls:
+            self._conn.execute("SAVEPOINT message")
+            delta = dict(self._delta)
+            try:
+                out.append((len(self.apply_carve(link, *args)), None))
+                self._conn.execute("RELEASE message")
+            except QkdnodeError as exc:
+                self._conn.execute("ROLLBACK TO message")
+                self._conn.execute("RELEASE message")
+                self._delta = delta
+                out.append((None, exc))
+        return out
+
+    def _apply_carves(self, link: str, calls: list[tuple]) -> list[tuple[int | None, Exception | None]]:
+        ids = [k for key_ids, *_ in calls for k in key_ids]
+        known: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            known.update(k for (k,) in self._conn.execute(
+                f"SELECT DISTINCT key_id FROM audit WHERE key_id IN ({','.join('?' * len(chunk))})", chunk))
+        todo = []
+        pieces: dict[str, list[tuple[int, int]]] = {}
+        for key_ids, ranges, nbytes, master, slaves, store in calls:
+            keep = [(k, [tuple(p) for p in r]) for k, r in zip(key_ids, ranges) if k not in known]
+            todo.append((keep, nbytes, master, slaves, store))
+            for _, key_ranges in keep:
+                for bid, s, e in key_ranges:
+                    pieces.setdefault(bid, []).append((s, e))
+        taken = self._take(link, pieces) if pieces else {}
+        return [(len(self._record(link, [k for k, _ in keep], [r for _, r in keep], nbytes, master, slaves, store,
+                                  None, taken)) if keep else 0, None)
+                for keep, nbytes, master, slaves, store in todo]
 
     def apply_carve(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
                     slaves: list[str], store: bool) -> list[HandOut]:
@@ -723,7 +1002,7 @@ class Vault:
         done = 0
         for table, key_cols, aad_of in (("blocks", ("link", "block_id"), self._row_aad_block),
                                         ("keys", ("key_id",), self._row_aad_key)):
-            rows = self._conn.execute(f"SELECT * FROM {table} WHERE substr(sealed, 1, 4) != ? LIMIT ?",
+            rows = self._conn.execute(f"SELECT * FROM {table} WHERE substr(sealed, 1, 4) != ? AND sealed != x'' LIMIT ?",
                                       (prefix, limit - done)).fetchall()
             cols = [d[0] for d in self._conn.execute(f"SELECT * FROM {table} LIMIT 0").description]
             for values in rows:
@@ -751,6 +1030,8 @@ class Vault:
         """Open every sealed row; count rows per state and list every row that fails."""
         failures, blocks, keys = [], {}, {"waiting": 0, "bits": 0}
         for r in self._rows("blocks"):
+            if r["state"] == "used":  # used up, bits gone; the row awaits deletion
+                continue
             try:
                 _zero(self._open(self._row_aad_block(r), r["sealed"], "block"))
                 entry = blocks.setdefault(f"{r['link']}/{r['state']}", {"blocks": 0, "bits": 0})
@@ -826,14 +1107,17 @@ class Vault:
 
     def pool_bits(self, link: str) -> dict[str, int]:
         """Bits of a link's key at this node, by block state (for the metrics)."""
-        rows = self._conn.execute("SELECT state, SUM(free) FROM blocks WHERE link=? GROUP BY state", (link,))
-        return {"pending": 0, "ready": 0} | {state: free * 8 for state, free in rows}
+        return {state: self._bytes(link, state) * 8 for state in ("pending", "ready")}
+
+    def committed_pool_bits(self, link: str) -> dict[str, int]:
+        """As `pool_bits`, as of the last commit; cheap, and safe to call from the event loop."""
+        return {state: self._totals.get((link, state), 0) * 8 for state in ("pending", "ready")}
 
     def counts(self) -> dict[str, Any]:
         c = self._conn
         return {
             "blocks": {f"{link}/{state}": n for link, state, n in
-                       c.execute("SELECT link, state, COUNT(*) FROM blocks GROUP BY link, state")},
+                       c.execute("SELECT link, state, COUNT(*) FROM blocks WHERE state != 'used' GROUP BY link, state")},
             "ready_bits": {link: free * 8 for link, free in
                            c.execute("SELECT link, SUM(free) FROM blocks WHERE state='ready' GROUP BY link")},
             "keys_waiting": c.execute("SELECT COUNT(*) FROM keys").fetchone()[0],

@@ -172,10 +172,11 @@ async def test_killing_an_intermediate_node_moves_traffic_to_another_path(net):
     m = net.manifest()
     async with SaeClient(m, "sae-a1") as a, SaeClient(m, "sae-c1") as c:
         await get_keys(a, "sae-c1")
-        # Both A-C paths need key: wait until the D-C CV link has some after privacy amplification.
-        await wait_for(lambda: asyncio.sleep(0, metric(net, "D", 'qkdnode_pool_ready_bits{link="D-C"}') > 4096),
-                       timeout=60, interval=0.5)
-        await asyncio.sleep(2.5)  # and A has heard so: C's advert of it reaches A through D within two advert periods
+        # Both A-C paths need key: wait until the D-C CV link has some after privacy amplification,
+        # at both of its ends, and until A has heard so (link-state adverts go out every second).
+        await wait_for(lambda: asyncio.sleep(0, min(metric(net, n, 'qkdnode_pool_ready_bits{link="D-C"}')
+                                                    for n in ("D", "C")) > 4096), timeout=60, interval=0.5)
+        await asyncio.sleep(2.5)
         for victim, other in (("B", "D"), ("D", "B")):
             net.kill(victim)  # SIGKILL: no goodbye to its neighbours
             through = metric(net, other, 'qkdnode_relay_messages_total{direction="received"}')
