@@ -422,7 +422,9 @@ class LinkPool:
             fut = asyncio.get_running_loop().create_future()
             self._waiting.append((master, slaves, number, size_bits, fut))
             self._start_batches()
-            return await fut
+            handouts = await fut
+            self.consumed_bits += number * size_bits
+            return handouts
         else:
             answer = await self.peer.call(self.cfg.id, "allocate",
                                           {"master": master, "slaves": slaves, "number": number, "size": size_bits})
