@@ -123,10 +123,19 @@ class Outcomes:
 
 
 def load(results: Path, section: str) -> list[dict]:
+    """The rows a section recorded; a row recorded again by a rerun (--rerun) replaces the first."""
     path = results / f"{section}.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows: dict = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            key = (row.get("target"), row.get("fault"), row.get("case"), row.get("listener")) \
+                if section in ("faults", "fuzz", "tls") else len(rows)
+            rows.pop(key, None)
+            rows[key] = row
+    return list(rows.values())
 
 
 def mark(ok) -> str:
@@ -313,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/reliability.md", help="where to write the report")
     parser.add_argument("--long", action="store_true", help="the long campaign (as QKDNODE_CAMPAIGN=long)")
     parser.add_argument("--render", metavar="DIR", help="only write the report again from the results a run left in DIR")
+    parser.add_argument("--rerun", metavar="TEST", nargs="+", help="with --render DIR: run these tests again, their "
+                        "outcomes and figures replacing the earlier ones, then write the report")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not out.is_absolute():
@@ -321,6 +332,17 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((Path(args.render) / "run.json").read_text())
         outcomes = Outcomes()
         outcomes.tests = saved["tests"]
+        if args.rerun:
+            import pytest
+            os.environ["QKDNODE_CAMPAIGN"] = saved["mode"]
+            os.environ["QKDNODE_CAMPAIGN_RESULTS"] = args.render
+            again = Outcomes()
+            started = time.monotonic()
+            pytest.main(["-q", "-p", "no:cacheprovider", *args.rerun], plugins=[again])
+            outcomes.tests.update(again.tests)
+            saved["seconds"] += time.monotonic() - started
+            saved["tests"] = outcomes.tests
+            (Path(args.render) / "run.json").write_text(json.dumps(saved))
         out.write_text(render(Path(args.render), outcomes, saved["mode"], saved["seconds"]))
         print(f"wrote {out} from {args.render}")
         return 0
