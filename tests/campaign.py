@@ -97,6 +97,42 @@ INVARIANTS = [
 ]
 
 
+FINDINGS = """
+## Findings of the campaign
+
+Bugs the campaign found, each fixed in its own commit with the test that catches it:
+
+- A request body nested deeper than Python's JSON parser goes (`[[[[...` within the 64 KiB limit)
+  raised RecursionError: HTTP 500 on ETSI 014, ETSI 004 and the peer channel. Now 400.
+- A number of thousands of digits, or a digit `str.isdigit()` accepts but `int()` does not (`²`), in the
+  `number`/`size` query of ETSI 014 or SKIP: HTTP 500. Now 400. A peer body over 1 MiB got a plain-text
+  413; now a JSON error object.
+- The etsi014 driver let a KME's deeply nested JSON or a body that is not UTF-8 escape as a plain
+  exception instead of a DeviceProtocolError.
+- A device failing at a link's non-master end never showed in that node's `qkdnode_driver_up` (it stayed
+  1; the failure appeared only in the master's log).
+- The combined driver kept asking the faster of its two devices for blocks while the slower one lagged:
+  key material piled up in memory without bound, and a fault of the faster device (keys differing at the
+  two ends) took minutes to show. A part whose queue covers the request is no longer asked.
+- test_snmp.py defined two tests with one name, so the switch's slow-answer test never ran.
+- hil/testbed.py: `Testbed.stop()` waits for each node with a blocking `proc.wait()` inside the event loop
+  that also runs the emulated devices; a node finishing a request that needs a device then waits for its
+  timeouts (up to a minute). Not fixed there (another issue edits the testbed); the campaign's testbed
+  signals every node and waits without blocking.
+
+Open, seen in the long run only:
+
+- CV-QKD: after a transmitter fault late in a long run (garbage on the line, the line dropped), the link
+  D-C took longer than the 75 s bound to deliver new blocks again; run on their own the same rows
+  recover in 4-35 s. The node logs show the master offering blocks the receiver no longer holds
+  ("N block(s) discarded at both ends (unavailable)") after repeated faults: the two modules' block
+  stores diverge and the link wastes blocks until they realign. No key was served wrongly (the ledger
+  found no problem); recovery is slow. Not diagnosed further.
+- CV-QKD excess noise above threshold shows in no metric on this branch (the module's own telemetry is
+  exported by the metrics catalogue of issue 7); the row passes on service and recovery only.
+"""
+
+
 class Outcomes:
     """A pytest plugin: outcome and duration of every test that runs."""
 
@@ -158,7 +194,8 @@ actual run: every figure below was measured by the tests named beside it. Do not
 | tests run | {len(outcomes.tests)}, {sum(v['outcome'] == 'passed' for v in outcomes.tests.values())} passed, {len(failed)} failed, in {seconds / 60:.1f} min |
 """]
     if failed:
-        out.append("**Failed:** " + ", ".join(f"`{f}`" for f in failed) + "\n")
+        out.append("\n**Failed:** " + ", ".join(f"`{f}`" for f in failed) + " (see the rows marked FAIL and the "
+                   "findings at the end)\n")
 
     # -- fault matrix
     rows = load(results, "faults")
@@ -245,11 +282,13 @@ orphans and stranded bits; it is not built yet.
     out.append("\n## 3. Hostile input\n\n")
     total = next((f for f in reversed(fuzz) if f.get("target") == "totals"), None)
     if total:
-        out.append(f"Requests sent to the live network by the hostile-input tests: {total['examples']} "
-                   f"({total['refused']} refused, {total['served']} served); every refusal was a 4xx (or 503 for "
-                   "lack of key) with an error object, none took longer than 15 s, and neither vault changed "
-                   "(blocks, keys waiting, audit, outbox compared before and after each one).\n\n")
-    out.append("| target | examples | outcome |\n| --- | --- | --- |\n")
+        out.append(f"Requests sent to the live two-node network by the hostile-input tests: {total['examples']}, "
+                   "besides schemathesis's. None got a 5xx other than 503 for lack of key, none took longer than "
+                   f"15 s; {total['refused']} refusals of ETSI 014 and peer calls were checked one by one to be an "
+                   "error object and to leave both vaults as they were (blocks, keys waiting, audit, outbox), the "
+                   f"{total['served']} that got keys were valid requests; ETSI 004 and SKIP refusals were checked "
+                   "for the vaults alone.\n\n")
+    out.append("| target | examples (raw cases: the HTTP status) | outcome |\n| --- | --- | --- |\n")
     for f in fuzz:
         if f.get("target") == "totals":
             continue
@@ -300,6 +339,7 @@ once and identically ({s['problems']} problems). Figures per daemon, after the w
             cells.append(f"`{t.replace('tests/', '')}` {outcome}" + (f" ({n} tests)" if n > 1 else ""))
         out.append(f"| {text} | {'<br>'.join(cells)} |\n")
 
+    out.append(FINDINGS)
     out.append("\n## Durations\n\n| test file | tests | seconds |\n| --- | --- | --- |\n")
     files: dict[str, list[float]] = {}
     for k, v in outcomes.tests.items():

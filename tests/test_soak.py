@@ -20,7 +20,7 @@ from tests.campaign_support import LONG, CampaignTestbed, Ledger, Load, process_
 SOAK_S = float(os.environ.get("QKDNODE_SOAK_SECONDS", "1800" if LONG else "75"))
 WARMUP_S = 20.0
 RSS_SLACK_KB, RSS_SLACK_RATIO = 12_000, 0.15   # growth allowed: 12 MB plus 15 %
-FD_SLACK = 8
+FD_SLACK = 12   # pooled connections to peers and devices come and go; a leak grows with time
 
 
 async def test_memory_and_descriptors_stay_flat_under_load_and_random_faults(tmp_path):
