@@ -63,6 +63,11 @@ _SETTINGS = {"port", "role", "itu_channel", "photons_per_symbol", "trusted_tx_lo
 # ---------------------------------------------------------------- framing
 
 
+class _PollCut(Exception):
+    """A repeated request (a poll for a block the module said it lacks) ran into the end of the
+    call's time: the module already answered the same question, so this is no device fault."""
+
+
 class LineRejected(ValueError):
     """A received line failed the framing checks. The reason never quotes the line (it may hold key)."""
 
@@ -393,13 +398,19 @@ class CvQkdSerial:
             raise DeviceRejected(f"{self._where}: block(s) {_ids(again)} were already handed over")
         await self._flush_acks(deadline)
         loop = asyncio.get_running_loop()
+        asked: set[str] = set()
         while missing := [b for b in block_ids if b not in self._blocks]:
             for bid in missing:
                 if loop.time() >= deadline:
                     break
-                with contextlib.suppress(DeviceRejected):       # 404: not there (yet)
-                    self._store_block(self._parse_block(await self._command("GET", bid, deadline=deadline),
-                                                        expect_id=bid, from_reply=True))
+                try:                                            # asked before: a poll the deadline may cut
+                    reply = await self._command("GET", bid, deadline=deadline, poll=bid in asked)
+                except DeviceRejected:                          # 404: not there (yet)
+                    asked.add(bid)
+                    continue
+                except _PollCut:
+                    break
+                self._store_block(self._parse_block(reply, expect_id=bid, from_reply=True))
             missing = [b for b in block_ids if b not in self._blocks]
             remaining = deadline - loop.time()
             if not missing:
@@ -538,9 +549,11 @@ class CvQkdSerial:
         self._tag = (self._tag + 1) % (1 << 32)
         return f"{self._tag:x}"
 
-    async def _command(self, verb: str, *args: str, deadline: float, handshake: bool = False) -> list[str]:
+    async def _command(self, verb: str, *args: str, deadline: float, handshake: bool = False,
+                       poll: bool = False) -> list[str]:
         """Send one request and return the fields of its OK reply; the whole exchange, lock wait
-        included, ends by `deadline`. Errors are DriverError subclasses, recorded in `health`."""
+        included, ends by `deadline`. Errors are DriverError subclasses, recorded in `health`.
+        A `poll` (a request repeated while waiting) that the deadline cuts raises _PollCut."""
         if not handshake:
             self._check_ready()
         loop = asyncio.get_running_loop()
@@ -562,6 +575,8 @@ class CvQkdSerial:
                         self._pending = None
         except TimeoutError:
             self._resync = True
+            if poll:
+                raise _PollCut() from None
             garbled = self.rejected_lines - garbled_before
             if garbled:
                 err: DriverError = DeviceProtocolError(

@@ -525,3 +525,18 @@ async def test_a_module_reset_gets_its_settings_back(link, module):
     await until(lambda: link.tx.state == "running")
     assert (link.tx.channel, link.photons) == (34, 3.0)
     assert (await until(lambda: _running(tx))).secret_key_rate_bps > 0
+
+
+async def test_waiting_for_a_block_the_module_lacks_ends_in_no_block_even_on_a_slow_line(link, module):
+    """The driver asks again for a block the module said it lacks (a late event may bring it);
+    the last such poll may be cut by the call's deadline. The module did answer: "no block",
+    not "no answer", and the module's health is not marked down for it."""
+    tx, rx = await module("transmitter"), await module("receiver", poll_interval=0)   # no status poll at rx
+    await until(lambda: link.tx.state == link.rx.state == "running")
+    link.rx.faults.delay = 0.25                          # a 404 at ~0.25 s, the next GET cut at 0.5 s
+    with pytest.raises(DeviceRejected, match="no block"):
+        await timed(rx.fetch_by_ids(["0badc0de-00000002"]))
+    assert timed.elapsed < TIMEOUT + SLACK
+    link.rx.faults.delay = 0
+    assert rx.health.state == "up"
+    assert (await rx.telemetry()).state in ("running", "calibrating", "no-key")   # late replies not misread
