@@ -1,5 +1,7 @@
 """HUBER+SUHNER Polatis optical switch over VISA: SCPI on the unit's raw socket
 (`TCPIP::host::5025::SOCKET`) through pyvisa, with the pure-Python pyvisa-py backend by default.
+The OpticalSwitch calls, the checks of a request, the plan of a change and the errors are
+shared with the SNMP driver (`drivers/switch_base.py`); this module brings the SCPI transport.
 
 Ingress ports are 1..N and egress ports N+1..N+M, as the unit numbers them. Every change is one
 program message, `SUB` of the pairs that go then `ADD` of the pairs that come, ended by `*OPC?`;
@@ -35,10 +37,14 @@ import pyvisa
 from pyvisa import constants as visa_constants
 from pyvisa.errors import VisaIOError
 
+from drivers.switch_base import (ClassicalPortRefused, CrossConnectSwitch, PortOutOfRange, SwitchMismatch, _show,
+                                 check_switch_name, check_switch_ports)
 from qkdnode.errors import DeviceProtocolError, DeviceRejected, DeviceUnavailable, DriverError
-from qkdnode.interfaces import DeviceHealth, driver_settings
+from qkdnode.interfaces import driver_settings
 
 log = logging.getLogger("drivers.polatis")
+
+__all__ = ["PolatisSwitch", "ClassicalPortRefused", "PortOutOfRange", "SwitchMismatch", "ScpiError"]
 
 DEFAULTS: dict[str, Any] = {"timeout": 2.0, "switch_timeout": 5.0, "classical_ports": [], "backoff": 0.5,
                             "backoff_max": 30.0, "down_after": 3, "visa_library": "@py"}
@@ -51,31 +57,6 @@ _MAP = re.compile(r"\s*\(@([\d,:\s]*)\)\s*,\s*\(@([\d,:\s]*)\)\s*")
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 
 _rm_lock = threading.Lock()         # pyvisa's ResourceManager is one per VISA library and process
-
-
-class ClassicalPortRefused(DriverError):
-    """The change would touch ports the config marks as carrying classical traffic; nothing was changed."""
-
-    def __init__(self, switch: str, ports: set[int], action: str):
-        self.ports = tuple(sorted(ports))
-        listed = ", ".join(str(p) for p in self.ports)
-        super().__init__(f"{switch}: refused to {action}: port{'s' if len(self.ports) > 1 else ''} {listed} "
-                         "carr{} classical traffic (classical_ports in the config); no change was sent"
-                         .format("y" if len(self.ports) > 1 else "ies"))
-
-
-class PortOutOfRange(DeviceRejected):
-    """The request names a port the switch does not have, or an egress port twice; nothing was sent."""
-
-
-class SwitchMismatch(DriverError):
-    """The switch accepted the change but its map reads back otherwise (a path did not take)."""
-
-    def __init__(self, switch: str, expected: dict[int, int], found: dict[int, int]):
-        self.expected, self.found = dict(expected), dict(found)
-        diffs = [f"ingress {i}: expected {expected.get(i, 'none')}, reads {found.get(i, 'none')}"
-                 for i in sorted(set(expected) | set(found)) if expected.get(i) != found.get(i)]
-        super().__init__(f"{switch}: the map read back after the change differs: {'; '.join(diffs)}")
 
 
 @dataclass(frozen=True)
@@ -91,26 +72,23 @@ class ScpiError:
         return f'{self.code},"{self.message}"'
 
 
-class PolatisSwitch:
+class PolatisSwitch(CrossConnectSwitch):
     """An all-optical Polatis switch (or one that speaks its SCPI set) reached over VISA."""
+
+    log = log
 
     def __init__(self, *, resource: str, name: str | None = None, timeout: float = 2.0,
                  switch_timeout: float = 5.0, classical_ports: list[int] | tuple[int, ...] = (),
                  monitor_ports: list[int] | None = None, backoff: float = 0.5, backoff_max: float = 30.0,
                  down_after: int = 3, visa_library: str = "@py"):
+        super().__init__(name=name or resource, classical_ports=classical_ports, monitor_ports=monitor_ports,
+                         down_after=down_after)
         self.resource = resource
-        self.name = name or resource
         self.timeout, self.switch_timeout = float(timeout), float(switch_timeout)
-        self.classical_ports = frozenset(classical_ports)
-        self.monitor_ports = None if monitor_ports is None else sorted(set(monitor_ports))
         self.backoff, self.backoff_max = float(backoff), float(backoff_max)
         self.visa_library = visa_library
-        self.health = DeviceHealth(down_after, on_change=self._health_changed)
-        self.idn: str | None = None
         self.device_errors: deque[ScpiError] = deque(maxlen=100)   # every error the unit reported, newest last
-        self._size: tuple[int, int] | None = None
         self._inst = None
-        self._lock = asyncio.Lock()
         self._io = threading.Lock()
         self._delay = self.backoff
         self._retry_at = 0.0
@@ -126,8 +104,7 @@ class PolatisSwitch:
         if not isinstance(res, str) or "::" not in res:
             raise err("resource", 'a VISA resource string such as "TCPIP::192.0.2.10::5025::SOCKET"', res,
                       missing="resource" not in m)
-        if "name" in m and (not isinstance(m["name"], str) or not m["name"]):
-            raise err("name", "a non-empty string", m["name"])
+        check_switch_name(m, err)
         if not isinstance(m["visa_library"], str):
             raise err("visa_library", 'a string ("@py" for pyvisa-py, "" for the system VISA)', m["visa_library"])
         for name in ("timeout", "switch_timeout", "backoff", "backoff_max"):
@@ -138,17 +115,7 @@ class PolatisSwitch:
                           else "a non-negative number of seconds", v)
         if m["backoff_max"] < m["backoff"]:
             raise err("backoff_max", f"at least backoff ({m['backoff']})", m["backoff_max"])
-        if not isinstance(m["down_after"], int) or isinstance(m["down_after"], bool) or m["down_after"] < 1:
-            raise err("down_after", "a positive integer (failures in a row)", m["down_after"])
-        for name in ("classical_ports", "monitor_ports"):
-            if name not in m:
-                continue
-            v = m[name]
-            if not isinstance(v, list) or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0
-                                                  for p in v):
-                raise err(name, "a list of port numbers (positive integers)", v)
-            if len(set(v)) != len(v):
-                raise err(name, "a list of port numbers without repeats", v)
+        check_switch_ports(m, err)
         return m
 
     @classmethod
@@ -170,47 +137,7 @@ class PolatisSwitch:
         async with self._lock:
             await asyncio.to_thread(self._in_thread, self._close_session)
 
-    # -- OpticalSwitch
-
-    async def size(self) -> tuple[int, int]:
-        return await self._call(self._read_size)
-
-    async def cross_connects(self) -> dict[int, int]:
-        return await self._call(self._read_map)
-
-    async def connect_ports(self, pairs: dict[int, int]) -> None:
-        pairs = _int_pairs(self.name, pairs)
-        self._refuse_named(set(pairs) | set(pairs.values()), "connect")
-
-        def target(current: dict[int, int]) -> dict[int, int]:
-            out = {i: e for i, e in current.items() if i not in pairs and e not in pairs.values()}
-            out.update(pairs)
-            return out
-        await self._call(self._change, pairs, target, "connect")
-
-    async def disconnect_ports(self, ingress: list[int]) -> None:
-        ports = _int_ports(self.name, ingress)
-        self._refuse_named(set(ports), "disconnect")
-        await self._call(self._change, {i: None for i in ports},
-                         lambda current: {i: e for i, e in current.items() if i not in ports}, "disconnect")
-
-    async def replace_map(self, pairs: dict[int, int]) -> None:
-        pairs = _int_pairs(self.name, pairs)
-        await self._call(self._change, pairs, lambda current: dict(pairs), "replace the map")
-
-    async def port_powers(self) -> dict[int, float]:
-        return await self._call(self._read_powers)
-
     # -- more of the unit
-
-    async def port_states(self) -> dict[int, str]:
-        """Each port's state: "enabled", "disabled" (shutter closed), or the unit's own letter in lower case."""
-        return await self._call(self._read_port_states)
-
-    async def partner(self, port: int) -> int | None:
-        """The port `port` is connected to, or None."""
-        (port,) = _int_ports(self.name, [port])
-        return await self._call(self._read_partner, port)
 
     async def error_queue(self) -> list[ScpiError]:
         """Drain the unit's error queue now; the entries are also kept in `device_errors`."""
@@ -218,30 +145,8 @@ class PolatisSwitch:
 
     # -- plumbing on the event loop
 
-    async def _call(self, fn: Callable, *args):
-        async with self._lock:
-            try:
-                result = await asyncio.to_thread(self._in_thread, self._opened(fn), *args)
-            except (ClassicalPortRefused, PortOutOfRange):
-                raise                                 # the caller's mistake; the unit was not asked
-            except DeviceRejected:
-                self.health.ok()                      # the unit answered properly and said no
-                raise
-            except Exception as exc:
-                self.health.failed(exc)
-                raise
-            self.health.ok()
-            return result
-
-    def _health_changed(self, old: str, new: str) -> None:
-        level = logging.INFO if new == "up" else logging.WARNING
-        log.log(level, "%s: health %s -> %s%s", self.name, old, new,
-                f" ({self.health.last_error})" if new != "up" else "")
-
-    def _refuse_named(self, ports: set[int], action: str) -> None:
-        hit = ports & self.classical_ports
-        if hit:
-            raise ClassicalPortRefused(self.name, hit, action)
+    async def _run(self, fn: Callable, *args):
+        return await asyncio.to_thread(self._in_thread, self._opened(fn), *args)
 
     # -- in the worker thread
 
@@ -292,10 +197,7 @@ class PolatisSwitch:
         stale = self._drain_errors(None)
         if stale:
             log.warning("%s: errors queued before this session: %s", self.name, "; ".join(map(str, stale)))
-        beyond = sorted(p for p in self.classical_ports if p > n + m)
-        if beyond:
-            log.warning("%s: classical_ports %s are beyond this %dx%d switch: check the config", self.name,
-                        beyond, n, m)
+        self._warn_beyond(n, m)
         log.info("%s: opened %s (%s)", self.name, self.resource, idn)
 
     def _close_session(self) -> None:
@@ -404,9 +306,7 @@ class PolatisSwitch:
         return found
 
     def _read_partner(self, port: int) -> int | None:
-        n, m = self._size
-        if not 1 <= port <= n + m:
-            raise PortOutOfRange(f"{self.name}: no port {port} on this {n}x{m} switch; nothing was sent")
+        self._check_port(port, *self._size)
         command = f":OXC:SWIT:CONN:PORT? {port}"
         reply = self._ask(command)
         if not re.fullmatch(r"\s*\d*\s*", reply):
@@ -439,24 +339,10 @@ class PolatisSwitch:
             out.update(zip(chunk, map(float, values)))
         return out
 
-    def _check_range(self, pairs: dict[int, int | None]) -> None:
-        n, m = self._size
-        bad = [f"ingress {i}" for i in pairs if not 1 <= i <= n]
-        bad += [f"egress {e}" for e in pairs.values() if e is not None and not n < e <= n + m]
-        if bad:
-            raise PortOutOfRange(f"{self.name}: no such port on this {n}x{m} switch (ingress 1..{n}, egress "
-                                 f"{n + 1}..{n + m}): {', '.join(bad)}; nothing was sent")
-
     def _change(self, pairs: dict[int, int | None], target_of: Callable, action: str) -> None:
-        self._check_range(pairs)
-        current = self._read_map()
-        target = target_of(current)
-        gone = {i: e for i, e in current.items() if target.get(i) != e}
-        come = {i: e for i, e in target.items() if current.get(i) != e}
-        touched = set(gone) | set(gone.values()) | set(come) | set(come.values())
-        if touched & self.classical_ports:
-            raise ClassicalPortRefused(self.name, touched & self.classical_ports, action)
-        if not touched:
+        self._check_range(pairs, *self._size)
+        target, gone, come = self._plan(self._read_map(), target_of, action)
+        if not gone and not come:
             return
         units = []
         if gone:
@@ -491,22 +377,3 @@ def _channels(body: str) -> list[int]:
 def _lists(pairs: dict[int, int]) -> str:
     items = sorted(pairs.items())
     return f"(@{','.join(str(i) for i, _ in items)}),(@{','.join(str(e) for _, e in items)})"
-
-
-def _show(pairs: dict[int, int]) -> str:
-    return "{" + ", ".join(f"{i}->{e}" for i, e in sorted(pairs.items())) + "}"
-
-
-def _int_ports(switch: str, ports) -> list[int]:
-    ports = list(ports)
-    if not all(isinstance(p, int) and not isinstance(p, bool) for p in ports):
-        raise PortOutOfRange(f"{switch}: port numbers must be integers, got {ports!r}; nothing was sent")
-    return ports
-
-
-def _int_pairs(switch: str, pairs: dict[int, int]) -> dict[int, int]:
-    pairs = dict(pairs)
-    _int_ports(switch, list(pairs) + list(pairs.values()))
-    if len(set(pairs.values())) != len(pairs):
-        raise PortOutOfRange(f"{switch}: an egress port appears twice in {_show(pairs)}; nothing was sent")
-    return pairs

@@ -1,8 +1,9 @@
 """HUBER+SUHNER Polatis optical switch over SNMP (v2c or v3 USM), on the unit's cross-connect
 table under enterprise 26592 (docs/protocols/snmp.md has the OIDs and the settings).
 
-The same OpticalSwitch as the SCPI driver (`drivers/polatis.py`), with the same errors, so a
-caller does not care which way the unit is reached:
+The same OpticalSwitch as the SCPI driver (`drivers/polatis.py`): both are built on
+`drivers/switch_base.py`, which holds the calls, the checks, the plan of a change and the errors,
+so a caller does not care which way the unit is reached; this module brings the SNMP transport:
 - ingress ports are 1..N and egress ports N+1..N+M; the size comes from polatisOxcSize ("NxM");
 - the map is read by walking polatisOxcPortPatch (one row per port, the partner or 0), and each
   row must agree with its partner's, or the answer is a DeviceProtocolError;
@@ -26,18 +27,18 @@ refuses itself (classical port, no such port) leaves it alone.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from typing import Any, Callable
 
 from pysnmp.proto import rfc1902
 
-from drivers.polatis import ClassicalPortRefused, PortOutOfRange, SwitchMismatch, _int_pairs, _int_ports, _show
 from drivers.snmp import (SNMP_DEFAULTS, SNMP_SETTINGS, Oid, SnmpRejected, SnmpSession, absent,
                           check_snmp_settings, is_integer, is_unsigned, oid_text, type_name)
+from drivers.switch_base import (ClassicalPortRefused, CrossConnectSwitch, PortOutOfRange, SwitchMismatch, _show,
+                                 check_switch_name, check_switch_ports)
 from qkdnode.errors import DeviceProtocolError, DeviceRejected, DriverError
-from qkdnode.interfaces import DeviceHealth, driver_settings
+from qkdnode.interfaces import driver_settings
 
 log = logging.getLogger("drivers.snmp_switch")
 
@@ -56,20 +57,17 @@ _SETTINGS = SNMP_SETTINGS | set(DEFAULTS) | {"name", "monitor_ports"}
 MAX_PORTS = 10_000
 
 
-class PolatisSnmpSwitch:
+class PolatisSnmpSwitch(CrossConnectSwitch):
     """An all-optical Polatis switch reached over SNMP."""
+
+    log = log
 
     def __init__(self, *, session: SnmpSession, name: str, classical_ports: list[int] | tuple[int, ...] = (),
                  monitor_ports: list[int] | None = None, power_scale: float = 0.01, down_after: int = 3):
-        self.name = name
+        super().__init__(name=name, classical_ports=classical_ports, monitor_ports=monitor_ports,
+                         down_after=down_after)
         self.session = session
-        self.classical_ports = frozenset(classical_ports)
-        self.monitor_ports = None if monitor_ports is None else sorted(set(monitor_ports))
         self.power_scale = float(power_scale)
-        self.health = DeviceHealth(down_after, on_change=self._health_changed)
-        self.idn: str | None = None
-        self._size: tuple[int, int] | None = None
-        self._lock = asyncio.Lock()                    # one operation (read, SETs, read-back) at a time
 
     def __repr__(self) -> str:
         return f"<PolatisSnmpSwitch {self.name} {self.session!r} health={self.health.state}>"
@@ -81,22 +79,11 @@ class PolatisSnmpSwitch:
         """Names and types of a switch's settings, merged over the defaults. Touches no device."""
         m, err = driver_settings(settings, file=file, key=key, known=_SETTINGS, defaults=DEFAULTS)
         check_snmp_settings(m, err, file=file, key=key, writes=True)
-        if "name" in m and (not isinstance(m["name"], str) or not m["name"]):
-            raise err("name", "a non-empty string", m["name"])
+        check_switch_name(m, err)
         v = m["power_scale"]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
             raise err("power_scale", "a positive number (dBm per unit of polatisOpmPower, e.g. 0.01)", v)
-        if not isinstance(m["down_after"], int) or isinstance(m["down_after"], bool) or m["down_after"] < 1:
-            raise err("down_after", "a positive integer (failures in a row)", m["down_after"])
-        for name in ("classical_ports", "monitor_ports"):
-            if name not in m:
-                continue
-            v = m[name]
-            if not isinstance(v, list) or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0
-                                                  for p in v):
-                raise err(name, "a list of port numbers (positive integers)", v)
-            if len(set(v)) != len(v):
-                raise err(name, "a list of port numbers without repeats", v)
+        check_switch_ports(m, err)
         return m
 
     @classmethod
@@ -115,82 +102,16 @@ class PolatisSnmpSwitch:
     async def close(self) -> None:
         self.session.close()
 
-    # -- OpticalSwitch
-
-    async def size(self) -> tuple[int, int]:
-        return await self._call(self._read_size)
-
-    async def cross_connects(self) -> dict[int, int]:
-        return await self._call(self._read_map)
-
-    async def connect_ports(self, pairs: dict[int, int]) -> None:
-        pairs = _int_pairs(self.name, pairs)
-        self._refuse_named(set(pairs) | set(pairs.values()), "connect")
-
-        def target(current: dict[int, int]) -> dict[int, int]:
-            out = {i: e for i, e in current.items() if i not in pairs and e not in pairs.values()}
-            out.update(pairs)
-            return out
-        await self._call(self._change, pairs, target, "connect")
-
-    async def disconnect_ports(self, ingress: list[int]) -> None:
-        ports = _int_ports(self.name, ingress)
-        self._refuse_named(set(ports), "disconnect")
-        await self._call(self._change, {i: None for i in ports},
-                         lambda current: {i: e for i, e in current.items() if i not in ports}, "disconnect")
-
-    async def replace_map(self, pairs: dict[int, int]) -> None:
-        pairs = _int_pairs(self.name, pairs)
-        await self._call(self._change, pairs, lambda current: dict(pairs), "replace the map")
-
-    async def port_powers(self) -> dict[int, float]:
-        return await self._call(self._read_powers)
-
-    # -- more of the unit
-
-    async def port_states(self) -> dict[int, str]:
-        """Each port's state: "enabled", "disabled" or "failed" (polatisOxcPortCurrentState)."""
-        return await self._call(self._read_port_states)
-
-    async def partner(self, port: int) -> int | None:
-        """The port `port` is connected to, or None."""
-        (port,) = _int_ports(self.name, [port])
-        return await self._call(self._read_partner, port)
-
     # -- plumbing
 
-    async def _call(self, fn: Callable, *args):
-        async with self._lock:
-            return await self._checked(fn, *args)
+    async def _run(self, fn: Callable, *args):
+        return await fn(*args)
 
-    async def _checked(self, fn: Callable, *args):
-        try:
-            result = await fn(*args)
-        except (ClassicalPortRefused, PortOutOfRange):
-            raise                                     # the caller's mistake; the unit was not asked to change
-        except DeviceRejected:
-            self.health.ok()                          # the unit answered properly and said no
-            raise
-        except DriverError as exc:
-            self.health.failed(exc)
-            raise
-        except Exception as exc:                      # nothing untyped leaves the driver
-            error = DeviceProtocolError(f"{self.name}: {exc.__class__.__name__}: "
-                                        f"{self.session.scrub(str(exc))[:200]}")
-            self.health.failed(error)
-            raise error from None
-        self.health.ok()
-        return result
-
-    def _health_changed(self, old: str, new: str) -> None:
-        level = logging.INFO if new == "up" else logging.WARNING
-        log.log(level, "%s: health %s -> %s%s", self.name, old, new,
-                f" ({self.health.last_error})" if new != "up" else "")
-
-    def _refuse_named(self, ports: set[int], action: str) -> None:
-        hit = ports & self.classical_ports
-        if hit:
-            raise ClassicalPortRefused(self.name, hit, action)
+    def _typed(self, exc: Exception) -> Exception:
+        if isinstance(exc, DriverError):
+            return exc
+        # nothing untyped leaves the driver
+        return DeviceProtocolError(f"{self.name}: {exc.__class__.__name__}: {self.session.scrub(str(exc))[:200]}")
 
     def _garbled(self, oid: Oid, value: Any, expected: str) -> DeviceProtocolError:
         shown = absent(value) or f"{type_name(value)} {_shown(value)}"
@@ -208,10 +129,7 @@ class PolatisSnmpSwitch:
         (_, descr), (_, size) = await self.session.get([SYS_DESCR, OXC_SIZE])
         n, m = self._take_size(size)
         self.idn = _text(descr) if descr.tagSet == rfc1902.OctetString.tagSet else None
-        beyond = sorted(p for p in self.classical_ports if p > n + m)
-        if beyond:
-            log.warning("%s: classical_ports %s are beyond this %dx%d switch: check the config", self.name,
-                        beyond, n, m)
+        self._warn_beyond(n, m)
         log.info("%s: %s, %dx%d, reached by %s", self.name, self.idn or "no sysDescr", n, m, self.session.where)
 
     async def _read_size(self) -> tuple[int, int]:
@@ -256,8 +174,7 @@ class PolatisSnmpSwitch:
 
     async def _read_partner(self, port: int) -> int | None:
         n, m = await self._known_size()
-        if not 1 <= port <= n + m:
-            raise PortOutOfRange(f"{self.name}: no port {port} on this {n}x{m} switch; nothing was sent")
+        self._check_port(port, n, m)
         ((oid, value),) = await self.session.get([PORT_PATCH + (port,)])
         if not is_unsigned(value) or int(value) > n + m:
             raise self._garbled(oid, value, f"Unsigned32 partner port, 0..{n + m}")
@@ -291,24 +208,11 @@ class PolatisSnmpSwitch:
             out[port[0]] = round(dbm, 6)
         return out
 
-    def _check_range(self, pairs: dict[int, int | None], n: int, m: int) -> None:
-        bad = [f"ingress {i}" for i in pairs if not 1 <= i <= n]
-        bad += [f"egress {e}" for e in pairs.values() if e is not None and not n < e <= n + m]
-        if bad:
-            raise PortOutOfRange(f"{self.name}: no such port on this {n}x{m} switch (ingress 1..{n}, egress "
-                                 f"{n + 1}..{n + m}): {', '.join(bad)}; nothing was sent")
-
     async def _change(self, pairs: dict[int, int | None], target_of: Callable, action: str) -> None:
         n, m = await self._known_size()
         self._check_range(pairs, n, m)
-        current = await self._read_map()
-        target = target_of(current)
-        gone = {i: e for i, e in current.items() if target.get(i) != e}
-        come = {i: e for i, e in target.items() if current.get(i) != e}
-        touched = set(gone) | set(gone.values()) | set(come) | set(come.values())
-        if touched & self.classical_ports:
-            raise ClassicalPortRefused(self.name, touched & self.classical_ports, action)
-        if not touched:
+        target, gone, come = self._plan(await self._read_map(), target_of, action)
+        if not gone and not come:
             return
         steps = []
         if gone:
