@@ -47,6 +47,7 @@ from qkdnode.errors import (
     QkdnodeError,
     UnknownKey,
 )
+from qkdnode.limits import LimitExceeded
 from qkdnode.peer import BadMessage, field
 from qkdnode.tlsutil import peer_identity
 
@@ -109,9 +110,9 @@ class QoS:
 class ApiError(Exception):
     """A request that is not a call at all: answered with an HTTP error and a message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
 class Outcome(Exception):
@@ -481,7 +482,9 @@ class Streams:
             try:
                 while need > 0:
                     n = min(need, per)
-                    handouts = await self.node.hand_out(s.source, [s.destination], n, s.qos.chunk_bits)
+                    # The source SAE's key-bit quota of [limits], shared with ETSI 014 and SKIP.
+                    with self.node.limits.key_bits(s.source, n * s.qos.chunk_bits):
+                        handouts = await self.node.hand_out(s.source, [s.destination], n, s.qos.chunk_bits)
                     if s.closed:  # closed while the hand-out ran: the bits are not kept
                         return False, f"key stream {s.ksid} was closed"
                     for h in handouts:
@@ -489,6 +492,8 @@ class Streams:
                         s.held[s.allocated] = bytearray(h.bits)
                         s.allocated += 1
                     need -= n
+            except LimitExceeded as exc:  # not before the next UTC day: no use waiting
+                return False, str(exc)
             except (PoolExhausted, NoRoute) as exc:
                 return True, f"not enough key toward node {s.peer_node}: {exc}"
             except QkdnodeError as exc:  # peer trouble: PeerUnavailable, PeerRejected, CarveConflict
@@ -692,7 +697,7 @@ def _qos_from_peer(raw: Any) -> QoS:
 
 
 def make_api004_app(node: "Node") -> web.Application:
-    cfg, streams = node.cfg, node.streams
+    cfg, streams, limits = node.cfg, node.streams, node.limits
 
     @web.middleware
     async def errors(request: web.Request, handler):
@@ -701,6 +706,8 @@ def make_api004_app(node: "Node") -> web.Application:
             resp = await handler(request)
         except ApiError as exc:
             resp = web.json_response({"message": exc.message}, status=exc.status)
+            if exc.retry_after is not None:
+                resp.headers["Retry-After"] = str(int(exc.retry_after))
         except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself: still JSON
             resp = web.json_response({"message": exc.reason}, status=exc.status)
         outcome = resp.headers.get("X-Etsi004-Status") or f"http_{resp.status}"
@@ -724,6 +731,10 @@ def make_api004_app(node: "Node") -> web.Application:
             raise ApiError(401, f"the client certificate's identity {sae!r} is not a registered SAE")
         if cfg.saes[sae] != cfg.node_id:
             raise ApiError(401, f"SAE {sae} is attached to node {cfg.saes[sae]}, not to node {cfg.node_id}")
+        try:
+            limits.admit(sae)  # [limits]: the same bucket as on ETSI 014 and SKIP; the call is not made
+        except LimitExceeded as exc:
+            raise ApiError(429, str(exc), exc.retry_after) from None
         return sae
 
     async def body_of(request: web.Request, required: set[str], optional: set[str]) -> dict:

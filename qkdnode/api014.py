@@ -27,7 +27,7 @@ from qkdnode.errors import (
     QkdnodeError,
     UnknownKey,
 )
-from qkdnode.limits import LimitExceeded, SaeLimits
+from qkdnode.limits import LimitExceeded
 from qkdnode.tlsutil import peer_identity
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class _ConfigInForce:
 
 def make_api_app(node: "Node") -> web.Application:
     cfg, metrics = _ConfigInForce(node), node.metrics
-    limits = SaeLimits(cfg.limits.default, cfg.limits.saes)  # [limits]: 429 before anything is taken
+    limits = node.limits  # [limits], shared with ETSI 004 and SKIP: 429 before anything is taken
     counted: dict[tuple[str, int], Any] = {}  # the metrics' labelled children, looked up once
     timed: dict[str, Any] = {}
 

@@ -1,14 +1,19 @@
 """Per-SAE request rates and key-bit quotas (the optional `[limits]` table of the config).
 
-A misbehaving or compromised SAE must not starve the others: it could flood the API with
-requests, or drain a link's pool with large `enc_keys` calls. Each SAE therefore has
+A misbehaving or compromised SAE must not starve the others: it could flood the APIs with
+requests, or drain a link's pool with large requests for key. Each SAE therefore has
 
 - a request rate: a token bucket of `burst` requests refilled at `requests_per_second`
-  (every ETSI 014 call counts, refused ones too: a flood of bad requests is still a flood);
-- a key-bit quota: at most `key_bits_per_day` bits handed out to it as a master SAE
-  (`enc_keys`: number x size) per UTC calendar day. `dec_keys` is never refused for the
-  quota: the bits were taken from the pool when the master SAE got them, and a slave that
-  could not fetch them would lose a key.
+  (every call on the ETSI 014, ETSI 004 and SKIP listeners counts, refused ones too: a flood
+  of bad requests is still a flood);
+- a key-bit quota: at most `key_bits_per_day` bits handed out to it as the SAE asking for new
+  key (ETSI 014 `enc_keys`: number x size; SKIP `GET /key`; ETSI 004: the chunks its streams'
+  source end allocates) per UTC calendar day. Fetching a key made for it (`dec_keys` and the
+  like) is never refused for the quota: the bits were taken from the pool when the other SAE
+  got them, and a slave that could not fetch them would lose a key.
+
+The node holds one SaeLimits (`Node.limits`) that all three APIs consult, so switching API
+does not reset or widen an SAE's limits (docs/apis.md says how each API refuses).
 
 0 means no limit. Values from `[limits]` apply to every SAE; `[limits.saes.ID]` overrides
 them for one SAE. A refused call takes nothing: it is refused before any key is cut, and the

@@ -22,6 +22,7 @@ from qkdnode.config import LinkConfig, Listen, NodeConfig
 from qkdnode.devices import Devices
 from qkdnode.errors import QkdnodeError
 from qkdnode.interfaces import load_driver
+from qkdnode.limits import SaeLimits
 from qkdnode.links import LinkPool
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import PeerClient, make_peer_app
@@ -54,6 +55,9 @@ class Node:
             source = load_driver(link.driver, link.settings, file=cfg.file, key=f"links[{i}].driver")
             self.pools[link.id] = self._make_pool(link, source)
         self.router = Router(self)
+        # [limits]: one set of per-SAE buckets and quotas that every key API consults, so an SAE
+        # cannot step around its quota by asking another API.
+        self.limits = SaeLimits(cfg.limits.default, cfg.limits.saes)
         self.streams = Streams(self)  # ETSI 004 key streams (both ends), served if [etsi004] is configured
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []

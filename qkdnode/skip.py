@@ -37,6 +37,7 @@ from qkdnode.errors import (
     QkdnodeError,
     UnknownKey,
 )
+from qkdnode.limits import LimitExceeded
 from qkdnode.tlsutil import peer_identity
 
 if TYPE_CHECKING:
@@ -49,9 +50,9 @@ KEY_ID = re.compile(r"[0-9a-fA-F]{32}")
 
 
 class SkipError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
 def _entity_info() -> str:
@@ -62,7 +63,7 @@ def _entity_info() -> str:
 
 
 def make_skip_app(node: "Node") -> web.Application:
-    cfg, metrics = node.cfg, node.metrics
+    cfg, metrics, limits = node.cfg, node.metrics, node.limits
     requests = Counter("qkdnode_skip_requests_total", "SKIP requests by call and HTTP status", ["call", "status"],
                        registry=metrics.registry)
     entity = f"{_entity_info()}, trusted node {cfg.node_id}"
@@ -74,6 +75,8 @@ def make_skip_app(node: "Node") -> web.Application:
             resp = await handler(request)
         except SkipError as exc:
             resp = web.json_response({"message": exc.message}, status=exc.status)
+            if exc.retry_after is not None:
+                resp.headers["Retry-After"] = str(int(exc.retry_after))
         except web.HTTPException as exc:  # 404, 405 from aiohttp itself: still JSON
             resp = web.json_response({"message": exc.reason}, status=exc.status)
         requests.labels(call, str(resp.status)).inc()
@@ -85,6 +88,10 @@ def make_skip_app(node: "Node") -> web.Application:
             raise SkipError(401, f"the client certificate's identity {sae!r} is not a registered system")
         if cfg.saes[sae] != cfg.node_id:
             raise SkipError(401, f"system {sae} is attached to node {cfg.saes[sae]}, not to node {cfg.node_id}")
+        try:
+            limits.admit(sae)  # [limits]: the same bucket as on ETSI 014 and 004
+        except LimitExceeded as exc:
+            raise SkipError(429, str(exc), exc.retry_after) from None
         return sae
 
     def query_of(request: web.Request, allowed: set[str], required: set[str]) -> dict[str, str]:
@@ -131,7 +138,10 @@ def make_skip_app(node: "Node") -> web.Application:
             raise SkipError(400, f"size must be a multiple of 8 from {k.min_key_size} to {k.max_key_size} (bits)")
         start = time.perf_counter()
         try:
-            (h,) = await node.hand_out(caller, [remote], 1, size)
+            with limits.key_bits(caller, size):  # the day's quota, shared with ETSI 014 and 004
+                (h,) = await node.hand_out(caller, [remote], 1, size)
+        except LimitExceeded as exc:
+            raise SkipError(429, str(exc), exc.retry_after) from None
         except (PoolExhausted, NoRoute) as exc:
             raise SkipError(503, f"not enough key toward {remote}: {exc}") from None
         except (PeerUnavailable, PeerRejected, CarveConflict) as exc:

@@ -44,9 +44,10 @@ def free_port() -> int:
 
 class AppNet:
     def __init__(self, workdir: Path, names: list[str], *, initial_keys: int = 64, rate_bps: float = 0.0,
-                 pool_target_bits: int = 1 << 14):
+                 pool_target_bits: int = 1 << 14, extra: dict[str, str] | None = None):
         self.dir = Path(workdir)
         self.names = names
+        self.extra = extra or {}  # more TOML for a node's config, by node name (e.g. its [limits])
         self.initial_keys, self.rate_bps, self.pool_target_bits = initial_keys, rate_bps, pool_target_bits
         self.saes = {f"sae-{n.lower()}{i}": n for n in names for i in (1, 2)}
         self.nodes: dict[str, Node] = {}
@@ -101,6 +102,8 @@ class AppNet:
                             f'peer_sae_id = "qkdnode-{other}"\nca = "{pki.ca}"\ncert = "{kme_client.cert}"\n'
                             f'key = "{kme_client.key}"')
             text.append("[saes]\n" + "\n".join(f'"{s}" = "{node}"' for s, node in self.saes.items()))
+            if n in self.extra:
+                text.append(self.extra[n])
             (d / "node.toml").write_text("\n\n".join(text) + "\n")
         for n in self.names:
             self.nodes[n] = Node(config.load(self.dir / n / "node.toml"))
@@ -206,6 +209,9 @@ class Client:
         return await self._json("GET", f"{self.urls['skip']}{path}", params=params)
 
     # ETSI GS QKD 014
+    async def status(self, slave: str):
+        return await self._json("GET", f"{self.urls['etsi014']}/api/v1/keys/{slave}/status")
+
     async def dec_keys(self, master: str, key_ids: list[str]):
         return await self._json("POST", f"{self.urls['etsi014']}/api/v1/keys/{master}/dec_keys",
                                 json={"key_IDs": [{"key_ID": k} for k in key_ids]})
