@@ -111,7 +111,8 @@ class PolatisSnmpSwitch(CrossConnectSwitch):
         if isinstance(exc, DriverError):
             return exc
         # nothing untyped leaves the driver
-        return DeviceProtocolError(f"{self.name}: {exc.__class__.__name__}: {self.session.scrub(str(exc))[:200]}")
+        return DeviceProtocolError(f"{self.name}: {exc.__class__.__name__}: "
+                                   f"{self.session.scrub(str(exc))[:200]}")
 
     def _garbled(self, oid: Oid, value: Any, expected: str) -> DeviceProtocolError:
         shown = absent(value) or f"{type_name(value)} {_shown(value)}"

@@ -9,6 +9,7 @@ A-B-C (A and C share no link: their keys are relayed by B).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -153,6 +154,18 @@ class AppNet:
                               "skip": f"https://{HOST}:{p['skip']}"} for n, p in self.ports.items()},
                 "saes": {s: {"node": n, "cert": str(self.pki.dir / f"{s}.pem"),
                              "key": str(self.pki.dir / f"{s}-key.pem")} for s, n in self.saes.items()}}
+
+
+@contextlib.asynccontextmanager
+async def running(workdir: Path, names: list[str], ready_bits: int = 8192, **kw):
+    """An AppNet started, its links holding `ready_bits`, stopped on the way out."""
+    n = AppNet(workdir, names, **kw)
+    try:
+        await n.start()
+        await n.wait_ready(ready_bits)
+        yield n
+    finally:
+        await n.stop()
 
 
 class Client:
