@@ -19,7 +19,8 @@ does not reset or widen an SAE's limits (docs/apis.md says how each API refuses)
 them for one SAE. A refused call takes nothing: it is refused before any key is cut, and the
 bits of an `enc_keys` that fails later (no key, peer down) are given back to the quota.
 
-The counters live in memory: a restart starts every bucket full and every day's count at 0.
+The counters live in memory: a restart starts every bucket full and every day's count at 0; a
+SIGHUP reload changes the limits and keeps the counters.
 They guard the node's pools against a client gone wrong; they are not accounting.
 """
 
@@ -66,6 +67,11 @@ class SaeLimits:
         self._clock, self._today = clock, today
         self._buckets: dict[str, _Bucket] = {}
         self._used: dict[str, tuple[int, int]] = {}  # SAE -> (UTC day, bits taken that day)
+
+    def reconfigure(self, default: SaeLimit, per_sae: dict[str, SaeLimit]) -> None:
+        """New limits (a SIGHUP reload of `[limits]`). The buckets and the day's counts stay: a
+        reload is no way to a fresh quota, and a lowered one holds from the next request on."""
+        self.default, self.per_sae = default, dict(per_sae)
 
     def of(self, sae: str) -> SaeLimit:
         return self.per_sae.get(sae, self.default)

@@ -7,6 +7,8 @@ What may change while running, and takes effect at once:
   already open keep theirs. A CA added to `tls.ca` is trusted from then on; a CA removed stays
   trusted until the next restart (OpenSSL can add trust anchors to a live context, not drop them).
 - `[keys]`: the limits the ETSI 014 API offers its SAEs.
+- `[limits]`: per-SAE request rates and key-bit quotas, on every key API; the buckets and the
+  day's counts stay (a reload does not hand out a fresh quota).
 - per link: `pool_target_bits` and `fetch_interval`.
 - `[saes]`: SAEs added to the registry. (Removing or moving an SAE could strand keys waiting
   for it: that is a restart.)
@@ -70,6 +72,10 @@ def compare(old: NodeConfig, new: NodeConfig) -> tuple[list[str], list[str]]:
         elif f.name == "saes":
             live += [f"saes.{s}" for s in sorted(set(b) - set(a))]
             structural += [f"saes.{s}" for s in sorted(a) if b.get(s) != a[s]]
+        elif f.name == "limits":
+            live += [f"limits.{k.name}" for k in dataclasses.fields(a.default)
+                     if getattr(a.default, k.name) != getattr(b.default, k.name)]
+            live += [f"limits.saes.{s}" for s in sorted(set(a.saes) | set(b.saes)) if a.saes.get(s) != b.saes.get(s)]
         elif f.name == "routes":  # the router reads them per request
             live += [f"routes.{d}" for d in sorted(set(a) | set(b)) if a.get(d) != b.get(d)]
         elif f.name == "peers":
@@ -134,6 +140,7 @@ def _apply(node: "Node", new: NodeConfig) -> None:
             pool.cfg = links[link_id]
         # The pool's own registry of parties may hold more than the config's SAEs: add, never replace.
         pool.saes.update({s: n for s, n in new.saes.items() if s not in pool.saes})
+    node.limits.reconfigure(new.limits.default, new.limits.saes)
     node.cfg = new
 
 

@@ -6,6 +6,7 @@ applications that know only the manifest. Every refusal takes nothing from the p
 
 import uuid
 
+from qkdnode.reload import reload_node
 from tests.appnet import Client, running
 
 # Best effort (min_bps 0): the stream is accepted whatever the pool holds.
@@ -90,3 +91,23 @@ async def test_the_request_rate_is_one_bucket_for_all_three_apis(tmp_path):
             # Another SAE of the node has its own bucket.
             status, new = await a2.skip("/key", remoteSystemID="sae-b1")
             assert status == 200, new
+
+
+async def test_a_reload_changes_the_limits_and_keeps_what_was_spent_today(tmp_path):
+    async with running(tmp_path, ["A", "B"], FULL, extra={"A": QUOTA}) as n:
+        m = n.manifest()
+        async with Client(m, "sae-a1") as a1:
+            status, body = await a1.enc_keys("sae-b1", 16, 256)
+            assert status == 200, body
+            assert (await a1.skip("/key", remoteSystemID="sae-b1"))[0] == 429
+            # The operator raises sae-a1's quota to 5120 bits a day and reloads (SIGHUP).
+            toml = n.dir / "A" / "node.toml"
+            toml.write_text(toml.read_text().replace("key_bits_per_day = 4096", "key_bits_per_day = 5120"))
+            assert await reload_node(n.nodes["A"])
+            # What sae-a1 took today still counts: 1024 bits more, over any API, then no more.
+            status, body = await a1.enc_keys("sae-b1", 2, 256)
+            assert status == 200, body
+            status, body = await a1.skip("/key", remoteSystemID="sae-b1", size="512")
+            assert status == 200, body
+            status, body = await a1.skip("/key", remoteSystemID="sae-b1")
+            assert status == 429 and "quota of 5120 key bits per day: 5120 taken today" in body["message"], body

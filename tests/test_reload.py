@@ -54,8 +54,10 @@ def changed(edit) -> tuple[list[str], list[str]]:
     (lambda c: c["tls"].update(cert="/pki/a-2026.pem", key="/pki/a-2026-key.pem"), ["tls.cert", "tls.key"]),
     (lambda c: c["vault"].update(audit_retention_days=30), ["vault.audit_retention_days"]),
     (lambda c: c.update(routes={"E": ["B", "E"]}), ["routes.E"]),
+    (lambda c: c.update(limits={"requests_per_second": 50, "saes": {"sae-a1": {"key_bits_per_day": 4096}}}),
+     ["limits.requests_per_second", "limits.saes.sae-a1"]),
 ], ids=["key limits", "pool target and fetch interval", "an SAE added", "TLS files", "audit retention",
-        "a static route"])
+        "a static route", "per-SAE limits"])
 def test_settings_that_may_change_while_running(edit, live):
     assert changed(edit) == (live, [])
 
