@@ -168,16 +168,13 @@ def test_the_openapi_description_matches_the_served_api():
     """docs/openapi/etsi014.yaml names exactly the routes, parameters and body fields of
     qkdnode/api014.py."""
     from qkdnode import api014
-    from qkdnode.config import LimitsConfig
+    from qkdnode.limits import SaeLimits
 
     spec = yaml.safe_load(SPEC.read_text())
     assert spec["openapi"].startswith("3.")
 
-    class Cfg:  # what make_api_app reads at build time
-        limits = LimitsConfig()
-
-    class FakeNode:
-        cfg, metrics = Cfg(), None
+    class FakeNode:  # what make_api_app reads at build time (the config only per request)
+        cfg, metrics, limits = None, None, SaeLimits()
 
     app = api014.make_api_app(FakeNode())
     served = {(r.method, r.resource.canonical.replace("{sae}", "{}")) for r in app.router.routes()
