@@ -53,7 +53,7 @@ SCHEMA_VERSION = 1
 MASTER_KEY_BYTES = 32
 _NONCE = 12
 _MAX_GROUP = 512
-PURGE_USED_AT = 4096  # rows of used-up blocks deleted together
+PURGE_USED_AT = 8192  # rows of used-up blocks deleted together
 
 _GEN_PREFIX = [g.to_bytes(4, "big") for g in range(256)]  # a sealed value's first 4 bytes, by generation
 Range = tuple[str, int, int]  # (block_ID, start byte, end byte) of one piece of a key
@@ -152,9 +152,9 @@ def new_key_id() -> str:
     """A fresh key_ID: a UUID of version 7 (RFC 9562), 48 bits of Unix time in ms and 74 random
     bits. Time-ordered IDs land next to each other in the vault's indexes, so a group commit
     writes a few index pages rather than one random page per key (key_IDs are not secret)."""
-    r = int.from_bytes(os.urandom(10), "big")
-    h = "%012x7%03x%04x%012x" % (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF, r >> 68 & 0xFFF,
-                                 0x8000 | (r >> 48 & 0x3FFF), r & 0xFFFF_FFFF_FFFF)  # version 7, variant 10
+    r = int.from_bytes(os.urandom(10), "big")  # 80 bits: 12 for rand_a (bits 68..79), 62 for rand_b
+    h = "%032x" % ((time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (r >> 68) << 64
+                   | 0b10 << 62 | (r & 0x3FFF_FFFF_FFFF_FFFF))  # version 7, variant 10
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -244,6 +244,7 @@ class Vault:
         self._totals: dict[tuple[str, str], int] = {}
         self._delta: dict[tuple[str, str], int] = {}
         self._used = 0  # rows of used-up blocks not yet deleted
+        self._used_links: set[str] = set()  # links that may have such rows
         self.on_commit = on_commit
         self.vault_id = ""
 
@@ -278,7 +279,9 @@ class Vault:
                 conn.execute("ALTER TABLE blocks ADD COLUMN parts TEXT")
             self._totals = {(link, state): free for link, state, free in
                             conn.execute("SELECT link, state, SUM(free) FROM blocks GROUP BY link, state")}
-            self._used = conn.execute("SELECT COUNT(*) FROM blocks WHERE state='used'").fetchone()[0]
+            used = conn.execute("SELECT link, COUNT(*) FROM blocks WHERE state='used' GROUP BY link").fetchall()
+            self._used = sum(n for _, n in used)
+            self._used_links = {link for link, _ in used}
         except sqlite3.DatabaseError as exc:
             conn.close()
             self._release_lock()
@@ -518,9 +521,11 @@ class Vault:
         """In the writer thread, between groups: delete the rows of used-up blocks in one go."""
         try:
             self._conn.execute("BEGIN")
-            self._conn.execute("DELETE FROM blocks WHERE state='used'")
+            for link in sorted(self._used_links):  # through the (link, state, created) index, not a scan
+                self._conn.execute("DELETE FROM blocks WHERE link=? AND state='used'", (link,))
             self._conn.execute("COMMIT")
             self._used = 0
+            self._used_links.clear()
         except sqlite3.DatabaseError as exc:  # tried again after the next group
             log.warning("vault: deleting used-up blocks failed: %s", exc)
             if self._conn.in_transaction:
@@ -733,6 +738,7 @@ class Vault:
             # touch a random page of the block ID index per block, a page per block per commit.
             conn.executemany("UPDATE blocks SET state='used', free=0, sealed=x'' WHERE rowid=?", gone)
             self._used += len(gone)
+            self._used_links.add(link)
         return out
 
     def _record(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
