@@ -46,7 +46,7 @@ FILL_CALLS_PER_ROUND = 8     # device calls whose blocks are stored and offered 
 GROUP_BYTES = 16384          # device blocks without leakage joined into one stored block up to this size...
 GROUP_PARTS = 128            # ...and this many device blocks
 MAX_BATCH = 256              # hand-out requests cut and pushed together at most
-MAX_BATCHES_IN_FLIGHT = 2    # one batch is cut and committed while the one before it is pushed
+MAX_BATCHES_IN_FLIGHT = 1    # a batch is cut, pushed and answered while the next requests gather (docs/performance.md)
 OUTBOX_RETRY_AFTER = 5.0  # seconds a pushed hand-out may stay unconfirmed before the retry loop sends it again
 
 

@@ -61,20 +61,24 @@ async def test_requests_of_one_turn_share_one_vault_operation_and_one_push(pool)
     assert pool._in_flight == 0 and not pool._waiting
 
 
-async def test_requests_that_come_while_batches_are_in_flight_wait_and_go_together(pool):
+@pytest.mark.parametrize("in_flight", [MAX_BATCHES_IN_FLIGHT, 2])
+async def test_requests_that_come_while_batches_are_in_flight_wait_and_go_together(pool, monkeypatch, in_flight):
+    import qkdnode.links as links_module
+    monkeypatch.setattr(links_module, "MAX_BATCHES_IN_FLIGHT", in_flight)
     await fill(pool.vault, 16)
     pool.peer.gate = asyncio.Event()
     first = [asyncio.create_task(pool.hand_out("sae-a", ["sae-b"], 1, 256)) for _ in range(3)]
     await asyncio.sleep(0.2)                                             # batch 1 (3 requests) waits at the peer
     second = [asyncio.create_task(pool.hand_out("sae-a", ["sae-b"], 1, 256)) for _ in range(2)]
-    await asyncio.sleep(0.2)                                             # batch 2 as well
+    await asyncio.sleep(0.2)                                             # a batch 2 would as well
     later = [asyncio.create_task(pool.hand_out("sae-a", ["sae-b"], 1, 256)) for _ in range(4)]
     await asyncio.sleep(0.2)
-    assert [len(p) for p in pool.peer.pushes] == [3, 2] and pool._in_flight == MAX_BATCHES_IN_FLIGHT
-    assert len(pool._waiting) == 4                                       # no third batch while two are in flight
+    expect = [[3], [2, 4]] if in_flight == 1 else [[3, 2], [4]]          # pushed before / after the gate opens
+    assert [len(p) for p in pool.peer.pushes] == expect[0] and pool._in_flight == in_flight
+    assert len(pool._waiting) == sum(expect[1])                          # no more batches than allowed in flight
     pool.peer.gate.set()
     got = await asyncio.gather(*first, *second, *later)
-    assert [len(p) for p in pool.peer.pushes] == [3, 2, 4]
+    assert [len(p) for p in pool.peer.pushes] == [*expect[0], sum(expect[1])]
     assert len({h.key_ID for r in got for h in r}) == 9
     assert pool._in_flight == 0 and pool._batch_starting is None
 
