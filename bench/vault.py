@@ -36,9 +36,9 @@ async def one_run(directory: Path, max_group: int, requesters: int, seconds: flo
     await asyncio.to_thread(vault.open, True)
     try:
         # Ready key in blocks of 512 bits, as a vendor KME delivers them (every other hand-out
-        # finishes a block: row deleted; the others cut one: row re-sealed), enough for 40,000
+        # finishes a block: row deleted; the others cut one: row re-sealed), enough for 64,000
         # hand-outs a second: a run that exhausts the pool fails rather than measure refusals.
-        blocks = max(16384, int(seconds * 20_000))
+        blocks = max(16384, int(seconds * 32_000))
         for i in range(0, blocks, 8192):
             await vault.run(vault.add_blocks, LINK,
                             [(str(uuid.uuid4()), os.urandom(64)) for _ in range(min(8192, blocks - i))], "ready")

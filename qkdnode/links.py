@@ -46,7 +46,7 @@ FILL_CALLS_PER_ROUND = 8     # device calls whose blocks are stored and offered 
 GROUP_BYTES = 16384          # device blocks without leakage joined into one stored block up to this size...
 GROUP_PARTS = 128            # ...and this many device blocks
 MAX_BATCH = 256              # hand-out requests cut and pushed together at most
-MAX_BATCHES_IN_FLIGHT = 2    # one batch is cut and committed while the one before it is pushed
+MAX_BATCHES_IN_FLIGHT = 1    # a batch is cut, pushed and answered while the next requests gather (docs/performance.md)
 OUTBOX_RETRY_AFTER = 5.0  # seconds a pushed hand-out may stay unconfirmed before the retry loop sends it again
 
 
@@ -79,6 +79,7 @@ class LinkPool:
         self._waiting: list[tuple] = []  # hand-out requests not yet in a batch (master end)
         self._in_flight = 0
         self._batch_tasks: set[asyncio.Task] = set()
+        self._batch_starting: asyncio.Task | None = None  # created, not yet run (has taken no request)
         self.device_ok = False
         self.ready_bits = 0        # as of the last gauge refresh
         self.ingest_bps = 0.0      # agreed key per second, smoothed (routing weighs links by it)
@@ -444,23 +445,32 @@ class LinkPool:
         return handouts
 
     def _start_batches(self) -> None:
-        while self._waiting and self._in_flight < MAX_BATCHES_IN_FLIGHT:
-            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+        # A batch takes the requests waiting when its task first runs, not when it is created: the
+        # requests parsed in the same turn of the event loop then go together, instead of the first
+        # of them filling a batch alone (one vault operation and one push for one request).
+        if self._waiting and self._batch_starting is None and self._in_flight < MAX_BATCHES_IN_FLIGHT:
             self._in_flight += 1
-            task = asyncio.create_task(self._hand_out_batch(batch))
+            task = self._batch_starting = asyncio.create_task(self._hand_out_batch())
             self._batch_tasks.add(task)
             task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._batch_tasks.discard(task)
+        if self._batch_starting is task:  # cancelled before it ran
+            self._batch_starting = None
         self._in_flight -= 1
         self._start_batches()
 
-    async def _hand_out_batch(self, batch: list[tuple]) -> None:
+    async def _hand_out_batch(self) -> None:
         """Master end: cut keys for several requests in one vault operation (with their outbox
         rows), push them to the peer in one call, and answer each request. A request the pool
         cannot cover fails alone (PoolExhausted); one the peer refuses fails alone; if the push
         fails, every request of the batch fails and none of their keys is handed out."""
+        self._batch_starting = None
+        batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+        self._start_batches()  # more than one batch waiting
+        if not batch:
+            return
         try:
             calls = []
             for master, slaves, number, size_bits, _ in batch:

@@ -53,8 +53,9 @@ SCHEMA_VERSION = 1
 MASTER_KEY_BYTES = 32
 _NONCE = 12
 _MAX_GROUP = 512
-PURGE_USED_AT = 4096  # rows of used-up blocks deleted together
+PURGE_USED_AT = 8192  # rows of used-up blocks deleted together
 
+_GEN_PREFIX = [g.to_bytes(4, "big") for g in range(256)]  # a sealed value's first 4 bytes, by generation
 Range = tuple[str, int, int]  # (block_ID, start byte, end byte) of one piece of a key
 
 
@@ -151,14 +152,39 @@ def new_key_id() -> str:
     """A fresh key_ID: a UUID of version 7 (RFC 9562), 48 bits of Unix time in ms and 74 random
     bits. Time-ordered IDs land next to each other in the vault's indexes, so a group commit
     writes a few index pages rather than one random page per key (key_IDs are not secret)."""
-    r = int.from_bytes(os.urandom(10), "big")
-    h = "%012x7%03x%04x%012x" % (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF, r >> 68 & 0xFFF,
-                                 0x8000 | (r >> 48 & 0x3FFF), r & 0xFFFF_FFFF_FFFF)  # version 7, variant 10
+    r = int.from_bytes(os.urandom(10), "big")  # 80 bits: 12 for rand_a (bits 68..79), 62 for rand_b
+    h = "%032x" % ((time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (r >> 68) << 64
+                   | 0b10 << 62 | (r & 0x3FFF_FFFF_FFFF_FFFF))  # version 7, variant 10
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _zero(buf: bytearray) -> None:
     buf[:] = bytes(len(buf))
+
+
+class _Rows:
+    """Rows of several `_record` calls, written together (one executemany per table)."""
+
+    __slots__ = ("keys", "audit", "outbox")
+
+    def __init__(self) -> None:
+        self.keys: list[tuple] = []
+        self.audit: list[tuple] = []
+        self.outbox: list[tuple] = []
+
+
+_SLAVES_JSON: dict[tuple[str, ...], str] = {}
+
+
+def _slaves_json(slaves: list[str]) -> str:
+    """json.dumps(sorted(slaves)), remembered for the few distinct lists a node sees."""
+    key = tuple(slaves)
+    text = _SLAVES_JSON.get(key)
+    if text is None:
+        text = json.dumps(sorted(slaves))
+        if len(_SLAVES_JSON) < 4096:
+            _SLAVES_JSON[key] = text
+    return text
 
 
 class _Redo(Exception):
@@ -218,6 +244,7 @@ class Vault:
         self._totals: dict[tuple[str, str], int] = {}
         self._delta: dict[tuple[str, str], int] = {}
         self._used = 0  # rows of used-up blocks not yet deleted
+        self._used_links: set[str] = set()  # links that may have such rows
         self.on_commit = on_commit
         self.vault_id = ""
 
@@ -252,7 +279,9 @@ class Vault:
                 conn.execute("ALTER TABLE blocks ADD COLUMN parts TEXT")
             self._totals = {(link, state): free for link, state, free in
                             conn.execute("SELECT link, state, SUM(free) FROM blocks GROUP BY link, state")}
-            self._used = conn.execute("SELECT COUNT(*) FROM blocks WHERE state='used'").fetchone()[0]
+            used = conn.execute("SELECT link, COUNT(*) FROM blocks WHERE state='used' GROUP BY link").fetchall()
+            self._used = sum(n for _, n in used)
+            self._used_links = {link for link, _ in used}
         except sqlite3.DatabaseError as exc:
             conn.close()
             self._release_lock()
@@ -369,15 +398,19 @@ class Vault:
 
     def _seal(self, aad: bytes, data: bytes | bytearray) -> bytes:
         nonce = os.urandom(_NONCE)
-        return self._active.to_bytes(4, "big") + nonce + self._keys[self._active].encrypt(nonce, data, aad)
+        gen = self._active
+        prefix = _GEN_PREFIX[gen] if gen < 256 else gen.to_bytes(4, "big")
+        return prefix + nonce + self._keys[gen].encrypt(nonce, data, aad)
 
-    def _open(self, aad: bytes, blob: bytes, what: str) -> bytearray:
+    def _open(self, aad: bytes, blob: bytes, what: str, ident: str | None = None) -> bytearray:
         cipher = self._keys.get(int.from_bytes(blob[:4], "big"))
         try:
             if cipher is None:
                 raise InvalidTag
             return bytearray(cipher.decrypt(blob[4:4 + _NONCE], blob[4 + _NONCE:], aad))
         except InvalidTag:
+            if ident is not None:
+                what = f"{what} {ident}"
             raise SealBroken(f"{what} failed authentication: the row was altered, swapped or moved") from None
 
     # The AAD is the JSON array json.dumps() makes of these fields (rows sealed by earlier versions
@@ -391,6 +424,11 @@ class Vault:
     def _key_aad(key_id: str, link: str, master: str, slaves: str, pending: str, size_bits: int) -> bytes:
         return (f'["keys", {_jstr(key_id)}, {_jstr(link)}, {_jstr(master)}, {_jstr(slaves)}, {_jstr(pending)}, '
                 f'{int(size_bits)}]').encode()
+
+    @staticmethod
+    def _key_aad_tail(link: str, master: str, slaves: str, pending: str, size_bits: int) -> str:
+        """What follows the key_ID in `_key_aad` (the same for every key of one hand-out)."""
+        return f'{_jstr(link)}, {_jstr(master)}, {_jstr(slaves)}, {_jstr(pending)}, {int(size_bits)}]'
 
     # -- the writer thread (group commit)
 
@@ -483,9 +521,11 @@ class Vault:
         """In the writer thread, between groups: delete the rows of used-up blocks in one go."""
         try:
             self._conn.execute("BEGIN")
-            self._conn.execute("DELETE FROM blocks WHERE state='used'")
+            for link in sorted(self._used_links):  # through the (link, state, created) index, not a scan
+                self._conn.execute("DELETE FROM blocks WHERE link=? AND state='used'", (link,))
             self._conn.execute("COMMIT")
             self._used = 0
+            self._used_links.clear()
         except sqlite3.DatabaseError as exc:  # tried again after the next group
             log.warning("vault: deleting used-up blocks failed: %s", exc)
             if self._conn.in_transaction:
@@ -643,90 +683,114 @@ class Vault:
     # ------------------------------------------------------------ carving keys out of blocks
 
     def _take(self, link: str, pieces: dict[str, list[tuple[int, int]]],
-              rows: dict[str, tuple[int, str, bytes]] | None = None) -> dict[tuple[str, int, int], bytes]:
+              rows: dict[str, tuple[int, str, bytes, int]] | None = None) -> dict[tuple[str, int, int], bytes]:
         """Cut the given byte ranges out of ready blocks: return their bits, zero them in the
         stored block (re-sealed, bound to the new bookkeeping), delete blocks used up. `rows`:
-        (size, carved, sealed) of ready blocks the caller has just read."""
+        (size, carved, sealed, rowid) of ready blocks the caller has just read."""
         out: dict[tuple[str, int, int], bytes] = {}
-        gone: list[tuple[str, str]] = []
+        gone: list[tuple[int]] = []
+        taken_total = 0
+        conn = self._conn
         for bid, ranges in pieces.items():
             row = rows.get(bid) if rows is not None else None
             if row is None:
-                row = self._conn.execute(
-                    "SELECT size, carved, sealed FROM blocks WHERE link=? AND block_id=? AND state='ready'",
+                row = conn.execute(
+                    "SELECT size, carved, sealed, rowid FROM blocks WHERE link=? AND block_id=? AND state='ready'",
                     (link, bid)).fetchone()
             if row is None:
                 raise CarveConflict(f"link {link}: block {bid} is not a ready block of this node")
-            size, carved_json, sealed = row
+            size, carved_json, sealed, rowid = row
             carved = json.loads(carved_json) if carved_json != "[]" else []
             for s, e in ranges:
-                if not (0 <= s < e <= size) or any(s < ce and cs < e for cs, ce in carved):
+                if not (0 <= s < e <= size) or (carved and any(s < ce and cs < e for cs, ce in carved)):
                     raise CarveConflict(f"link {link}: bytes {s}..{e} of block {bid} are used or out of range")
             if len(ranges) > 1:
                 ordered = sorted(ranges)
                 for (_, e1), (s2, e2) in zip(ordered, ordered[1:]):
                     if s2 < e1:  # two keys of this cut would share bytes
                         raise CarveConflict(f"link {link}: bytes {s2}..{e2} of block {bid} are named twice")
-            bits = self._open(self._block_aad(link, bid, "ready", size, carved_json), sealed, f"block {bid}")
+            bits = self._open(self._block_aad(link, bid, "ready", size, carved_json), sealed, "block", bid)
+            n = 0
             for s, e in ranges:
                 out[(bid, s, e)] = bytes(bits[s:e])
                 bits[s:e] = bytes(e - s)
-            self._count(link, "ready", -sum(e - s for s, e in ranges))
-            new_carved = _merge([tuple(c) for c in carved] + list(ranges))
-            free = size - sum(e - s for s, e in new_carved)
+                n += e - s
+            taken_total += n
+            if carved:
+                new_carved = _merge([tuple(c) for c in carved] + list(ranges))
+                free = size - sum(e - s for s, e in new_carved)
+            else:  # the ranges are checked apart from each other: they add up
+                free = size - n
+                new_carved = None
             if free == 0:
-                gone.append((link, bid))
+                gone.append((rowid,))
             else:
-                cj = json.dumps(new_carved)
-                self._conn.execute(
-                    "UPDATE blocks SET carved=?, free=?, sealed=? WHERE link=? AND block_id=?",
-                    (cj, free, self._seal(self._block_aad(link, bid, "ready", size, cj), bits), link, bid))
+                cj = json.dumps(new_carved if new_carved is not None else _merge(ranges))
+                conn.execute(
+                    "UPDATE blocks SET carved=?, free=?, sealed=? WHERE rowid=?",
+                    (cj, free, self._seal(self._block_aad(link, bid, "ready", size, cj), bits), rowid))
             _zero(bits)
+        if taken_total:
+            self._count(link, "ready", -taken_total)
         if gone:
             # A used-up block keeps its row, without its sealed bits (secure_delete zeroes them),
             # until `_purge_used` deletes such rows many at a time: deleting each at once would
             # touch a random page of the block ID index per block, a page per block per commit.
-            self._conn.executemany("UPDATE blocks SET state='used', free=0, sealed=x'' WHERE link=? AND block_id=?",
-                                   gone)
+            conn.executemany("UPDATE blocks SET state='used', free=0, sealed=x'' WHERE rowid=?", gone)
             self._used += len(gone)
+            self._used_links.add(link)
         return out
 
     def _record(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
                 slaves: list[str], store: bool, outbox_message: dict | None,
-                taken: dict[tuple[str, int, int], bytes] | None = None) -> list[HandOut]:
+                taken: dict[tuple[str, int, int], bytes] | None = None,
+                rows: _Rows | None = None) -> list[HandOut]:
+        """Record cut keys: sealed key rows (`store`), audit rows, outbox rows. With `rows`, the rows
+        are added to it and the caller writes them (`_write_rows`: one statement per table for a
+        whole group of calls); otherwise they are written here."""
         if taken is None:
             pieces: dict[str, list[tuple[int, int]]] = {}
             for key_ranges in ranges:
                 for bid, s, e in key_ranges:
                     pieces.setdefault(bid, []).append((s, e))
             taken = self._take(link, pieces)
-        slaves_json = json.dumps(sorted(slaves))
+        slaves_json = _slaves_json(slaves)
         now = time.time()
         size_bits = nbytes * 8
-        result, key_rows, audit_rows, outbox_rows = [], [], [], []
+        sink = rows if rows is not None else _Rows()
+        key_rows, audit_rows, outbox_rows = sink.keys, sink.audit, sink.outbox
+        result = []
         event = "key_stored" if store else "key_issued"
+        if store:  # the AAD of every key of this call but its ID, as `_key_aad` writes it
+            aad_tail = self._key_aad_tail(link, master, slaves_json, slaves_json, size_bits)
+            seal = self._seal
         for key_id, key_ranges in zip(key_ids, ranges):
-            bits = b"".join(taken[(bid, s, e)] for bid, s, e in key_ranges)
+            bits = taken[key_ranges[0]] if len(key_ranges) == 1 else b"".join([taken[r] for r in key_ranges])
             if len(bits) != nbytes:
                 raise CarveConflict(f"key {key_id}: pieces add up to {len(bits)} bytes, expected {nbytes}")
             if store:  # this node serves the slaves: keep the bits, sealed, until each has fetched them
-                aad = self._key_aad(key_id, link, master, slaves_json, slaves_json, size_bits)
-                key_rows.append((key_id, link, master, slaves_json, slaves_json, size_bits, self._seal(aad, bits), now))
+                aad = f'["keys", {_jstr(key_id)}, {aad_tail}'.encode()
+                key_rows.append((key_id, link, master, slaves_json, slaves_json, size_bits, seal(aad, bits), now))
             # else this node serves the master SAE, which gets the bits in the answer: audit only
             audit_rows.append((now, event, key_id, master, link, size_bits, slaves_json))
             if outbox_message is not None:
                 msg = dict(outbox_message, key_ID=key_id, ranges=key_ranges)
                 outbox_rows.append((key_id, link, "keys", json.dumps(msg), now))
             result.append(HandOut(key_id, key_ranges, bits))
-        c = self._conn
-        if key_rows:
-            c.executemany("INSERT INTO keys (key_id, link, master_sae, slaves, pending, size_bits, sealed, created) "
-                          "VALUES (?,?,?,?,?,?,?,?)", key_rows)
-        c.executemany("INSERT INTO audit (ts, event, key_id, sae, link, size_bits, detail) VALUES (?,?,?,?,?,?,?)",
-                      audit_rows)
-        if outbox_rows:
-            c.executemany("INSERT INTO outbox (key_id, link, kind, message, created) VALUES (?,?,?,?,?)", outbox_rows)
+        if rows is None:
+            self._write_rows(sink)
         return result
+
+    def _write_rows(self, rows: _Rows) -> None:
+        c = self._conn
+        if rows.keys:
+            c.executemany("INSERT INTO keys (key_id, link, master_sae, slaves, pending, size_bits, sealed, created) "
+                          "VALUES (?,?,?,?,?,?,?,?)", rows.keys)
+        if rows.audit:
+            c.executemany("INSERT INTO audit (ts, event, key_id, sae, link, size_bits, detail) VALUES (?,?,?,?,?,?,?)",
+                          rows.audit)
+        if rows.outbox:
+            c.executemany("INSERT INTO outbox (key_id, link, kind, message, created) VALUES (?,?,?,?,?)", rows.outbox)
 
     def carve(self, link: str, key_ids: list[str], nbytes: int, master: str, slaves: list[str], store: bool,
               outbox: dict | None = None) -> list[HandOut]:
@@ -743,9 +807,9 @@ class Vault:
         of the ready blocks, each block opened and re-sealed (or deleted) once. A call that finds
         too little key left gets PoolExhausted and takes nothing; the others are unaffected."""
         cur = self._conn.execute(
-            "SELECT block_id, size, carved, sealed FROM blocks WHERE link=? AND state='ready' ORDER BY created, rowid",
-            (link,))
-        rows: dict[str, tuple[int, str, bytes]] = {}
+            "SELECT block_id, size, carved, sealed, rowid FROM blocks WHERE link=? AND state='ready' "
+            "ORDER BY created, rowid", (link,))
+        rows: dict[str, tuple[int, str, bytes, int]] = {}
         free: list[tuple[str, int, int]] = []   # free byte ranges of the blocks read so far, oldest first
         at, offset = 0, 0                       # the first free byte not yet allocated: free[at], offset into it
         exhausted = False
@@ -765,8 +829,8 @@ class Vault:
                         if row is None:
                             exhausted = True
                             break
-                        bid, size, carved, sealed = row
-                        rows[bid] = (size, carved, sealed)
+                        bid, size, carved, sealed, rowid = row
+                        rows[bid] = (size, carved, sealed, rowid)
                         free.extend((bid, s, e) for s, e in _free(size, json.loads(carved) if carved != "[]" else []))
                     if a == len(free):
                         break
@@ -797,12 +861,14 @@ class Vault:
         out: list[tuple[list[HandOut] | None, Exception | None]] = []
         ready_before = self.free_bytes(link) + allocated if refused_at else 0
         refused = iter(refused_at)
+        rows = _Rows()
         for (key_ids, nbytes, master, slaves, store, outbox), keys in zip(calls, planned):
             if keys is None:
                 out.append((None, PoolExhausted(f"link {link}: {nbytes * len(key_ids) * 8} bits asked, "
                                                 f"{(ready_before - next(refused)) * 8} ready")))
                 continue
-            out.append((self._record(link, key_ids, keys, nbytes, master, slaves, store, outbox, taken), None))
+            out.append((self._record(link, key_ids, keys, nbytes, master, slaves, store, outbox, taken, rows), None))
+        self._write_rows(rows)
         return out
 
     def carve_batch(self, link: str, calls: list[tuple]) -> list[tuple[list[HandOut] | None, Exception | None]]:
@@ -855,9 +921,12 @@ class Vault:
                 for bid, s, e in key_ranges:
                     pieces.setdefault(bid, []).append((s, e))
         taken = self._take(link, pieces) if pieces else {}
-        return [(len(self._record(link, [k for k, _ in keep], [r for _, r in keep], nbytes, master, slaves, store,
-                                  None, taken)) if keep else 0, None)
-                for keep, nbytes, master, slaves, store in todo]
+        rows = _Rows()
+        out = [(len(self._record(link, [k for k, _ in keep], [r for _, r in keep], nbytes, master, slaves, store,
+                                 None, taken, rows)) if keep else 0, None)
+               for keep, nbytes, master, slaves, store in todo]
+        self._write_rows(rows)
+        return out
 
     def apply_carve(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
                     slaves: list[str], store: bool) -> list[HandOut]:

@@ -152,3 +152,25 @@ async def test_used_up_blocks_lose_their_bits_at_once_and_their_rows_later(vault
     await vault.run(vault.carve, LINK, new_ids(1), 32, "sae-a", ["sae-b"], False)     # the third: purge
     assert vault._conn.execute("SELECT COUNT(*) FROM blocks WHERE state='used'").fetchone()[0] == 0
     assert pool_totals_agree(vault)
+
+
+async def test_rows_of_used_up_blocks_left_by_a_crash_go_at_the_next_clean_stop(vault):
+    other = "A-C"
+    blocks = await fill(vault, 2)
+    await vault.run(vault.add_blocks, other, [(b, b"\2" * 32) for b in new_ids(2)], "ready")
+    await vault.run(vault.carve, LINK, new_ids(1), 32, "sae-a", ["sae-b"], False)    # one block of each link
+    await vault.run(vault.carve, other, new_ids(1), 32, "sae-a", ["sae-c"], False)   # used up
+    # As after a crash: the rows of used-up blocks are still there when the vault opens again.
+    vault._used_links.clear()
+    vault._used = 0
+    vault.close()
+    assert vault._conn is None
+    left = lambda v: v._conn.execute("SELECT link, COUNT(*) FROM blocks WHERE state='used' GROUP BY link").fetchall()  # noqa: E731
+    vault.open()
+    assert sorted(left(vault)) == [(LINK, 1), (other, 1)] and vault._used == 2
+    vault.close()                                                                    # a clean stop purges
+    vault.open()
+    assert left(vault) == []
+    assert await vault.run(vault.free_bytes, LINK) == 32 and await vault.run(vault.free_bytes, other) == 32
+    assert (await vault.run(vault.carve, LINK, new_ids(1), 32, "sae-a", ["sae-b"], False))[0].bits == \
+        blocks[list(blocks)[1]]
