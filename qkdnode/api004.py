@@ -38,8 +38,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
+from qkdnode.config import ConfigInForce
 from qkdnode.errors import (
     NoRoute,
+    NotAuthorized,
     NotYourKey,
     PeerRejected,
     PeerUnavailable,
@@ -49,7 +51,6 @@ from qkdnode.errors import (
 )
 from qkdnode.limits import LimitExceeded
 from qkdnode.peer import BadMessage, field
-from qkdnode.tlsutil import peer_identity
 
 if TYPE_CHECKING:
     from qkdnode.links import LinkPool
@@ -697,7 +698,7 @@ def _qos_from_peer(raw: Any) -> QoS:
 
 
 def make_api004_app(node: "Node") -> web.Application:
-    cfg, streams, limits = node.cfg, node.streams, node.limits
+    cfg, streams = ConfigInForce(node), node.streams  # the config in force: a SIGHUP may add SAEs
 
     @web.middleware
     async def errors(request: web.Request, handler):
@@ -726,16 +727,12 @@ def make_api004_app(node: "Node") -> web.Application:
             return answer({"status": exc.status, "message": exc.message, **exc.extra})
 
     def caller_of(request: web.Request) -> str:
-        sae = peer_identity(request.transport)
-        if sae is None or sae not in cfg.saes:
-            raise ApiError(401, f"the client certificate's identity {sae!r} is not a registered SAE")
-        if cfg.saes[sae] != cfg.node_id:
-            raise ApiError(401, f"SAE {sae} is attached to node {cfg.saes[sae]}, not to node {cfg.node_id}")
         try:
-            limits.admit(sae)  # [limits]: the same bucket as on ETSI 014 and SKIP; the call is not made
+            return node.caller(request.transport)  # [limits]: the same bucket as on ETSI 014 and SKIP
+        except NotAuthorized as exc:
+            raise ApiError(401, str(exc)) from None
         except LimitExceeded as exc:
             raise ApiError(429, str(exc), exc.retry_after) from None
-        return sae
 
     async def body_of(request: web.Request, required: set[str], optional: set[str]) -> dict:
         try:

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from qkdnode.config import ConfigInForce
 from qkdnode.errors import (
     CarveConflict,
     NoRoute,
+    NotAuthorized,
     NotYourKey,
     PeerRejected,
     PeerUnavailable,
@@ -28,7 +30,6 @@ from qkdnode.errors import (
     UnknownKey,
 )
 from qkdnode.limits import LimitExceeded
-from qkdnode.tlsutil import peer_identity
 
 if TYPE_CHECKING:
     from qkdnode.node import Node
@@ -54,18 +55,8 @@ def _error(status: int, message: str, details: list | None = None) -> web.Respon
     return web.json_response(body, status=status)
 
 
-class _ConfigInForce:
-    """The node's config as it is when a request reads it: a SIGHUP may replace node.cfg."""
-
-    def __init__(self, node: "Node"):
-        self._node = node
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._node.cfg, name)
-
-
 def make_api_app(node: "Node") -> web.Application:
-    cfg, metrics = _ConfigInForce(node), node.metrics
+    cfg, metrics = ConfigInForce(node), node.metrics
     limits = node.limits  # [limits], shared with ETSI 004 and SKIP: 429 before anything is taken
     counted: dict[tuple[str, int], Any] = {}  # the metrics' labelled children, looked up once
     timed: dict[str, Any] = {}
@@ -94,13 +85,10 @@ def make_api_app(node: "Node") -> web.Application:
         return resp
 
     def caller_of(request: web.Request) -> str:
-        sae = peer_identity(request.transport)
-        if sae is None or sae not in cfg.saes:
-            raise ApiError(401, f"the client certificate's identity {sae!r} is not a registered SAE")
-        if cfg.saes[sae] != cfg.node_id:
-            raise ApiError(401, f"SAE {sae} is attached to node {cfg.saes[sae]}, not to node {cfg.node_id}")
-        limits.admit(sae)
-        return sae
+        try:
+            return node.caller(request.transport)  # LimitExceeded: 429 in the middleware
+        except NotAuthorized as exc:
+            raise ApiError(401, str(exc)) from None
 
     def check_slaves(master: str, slaves: list[str]) -> None:
         """Slaves are registered SAEs of other nodes (adjacent or not: keys are relayed)."""

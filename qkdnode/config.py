@@ -600,3 +600,14 @@ def _limits(t: _Table, saes: dict[str, str], node_id: str) -> LimitsConfig:
     per_t.finish()
     t.finish()
     return LimitsConfig(default, per)
+
+
+class ConfigInForce:
+    """The config of `holder` (a node) as it is when it is read: a SIGHUP may replace holder.cfg,
+    so the API apps read through this rather than keep the config they were built with."""
+
+    def __init__(self, holder: Any):
+        self._holder = holder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._holder.cfg, name)

@@ -86,6 +86,10 @@ class NotYourKey(QkdnodeError):
         super().__init__(f"key_ID {key_id} was not issued to this SAE by that master SAE")
 
 
+class NotAuthorized(QkdnodeError):
+    """A key API call whose TLS client certificate names no SAE of this node (401)."""
+
+
 class NoRoute(QkdnodeError):
     """No path of links with enough key joins this node to the node of the slave SAEs."""
 

@@ -20,7 +20,7 @@ from qkdnode.api004 import Streams, make_api004_app
 from qkdnode.api014 import make_api_app
 from qkdnode.config import LinkConfig, Listen, NodeConfig
 from qkdnode.devices import Devices
-from qkdnode.errors import QkdnodeError
+from qkdnode.errors import NotAuthorized, QkdnodeError
 from qkdnode.interfaces import load_driver
 from qkdnode.limits import SaeLimits
 from qkdnode.links import LinkPool
@@ -32,7 +32,7 @@ from qkdnode.sdn import SdnAgent
 from qkdnode.sdnotify import SystemdNotifier
 from qkdnode.skip import make_skip_app
 from qkdnode.telemetry import Telemetry
-from qkdnode.tlsutil import checked, client_context, server_context
+from qkdnode.tlsutil import checked, client_context, peer_identity, server_context
 from qkdnode.vault import HandOut, Vault, load_master_key
 
 log = logging.getLogger("qkdnode.node")
@@ -108,6 +108,20 @@ class Node:
             log.info("link %s: %d unused block(s) deleted with the link", link_id, dropped)
         self.metrics.forget_link(link_id)
         log.info("node %s: link %s to node %s removed", self.cfg.node_id, link_id, pool.cfg.peer)
+
+    def caller(self, transport, noun: str = "SAE") -> str:
+        """The SAE a key API call comes from, for ETSI 014, ETSI 004 and SKIP alike: the identity
+        of its TLS client certificate, registered in the config in force (a SIGHUP may add SAEs)
+        and attached to this node. The call takes one request from the SAE's [limits] bucket.
+        Raises NotAuthorized (401) or LimitExceeded (429); `noun` names the caller in messages."""
+        sae, cfg = peer_identity(transport), self.cfg
+        home = cfg.saes.get(sae) if sae is not None else None
+        if home is None:
+            raise NotAuthorized(f"the client certificate's identity {sae!r} is not a registered {noun}")
+        if home != cfg.node_id:
+            raise NotAuthorized(f"{noun} {sae} is attached to node {home}, not to node {cfg.node_id}")
+        self.limits.admit(sae)
+        return sae
 
     async def hand_out(self, master: str, slaves: list[str], number: int, size_bits: int) -> list[HandOut]:
         """Fresh keys for `master` (an SAE of this node) shared with `slaves` (SAEs of other

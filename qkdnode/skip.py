@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import Counter
 
+from qkdnode.config import ConfigInForce
 from qkdnode.errors import (
     CarveConflict,
     NoRoute,
+    NotAuthorized,
     NotYourKey,
     PeerRejected,
     PeerUnavailable,
@@ -38,7 +40,6 @@ from qkdnode.errors import (
     UnknownKey,
 )
 from qkdnode.limits import LimitExceeded
-from qkdnode.tlsutil import peer_identity
 
 if TYPE_CHECKING:
     from qkdnode.node import Node
@@ -63,7 +64,7 @@ def _entity_info() -> str:
 
 
 def make_skip_app(node: "Node") -> web.Application:
-    cfg, metrics, limits = node.cfg, node.metrics, node.limits
+    cfg, metrics, limits = ConfigInForce(node), node.metrics, node.limits  # a SIGHUP may add SAEs
     requests = Counter("qkdnode_skip_requests_total", "SKIP requests by call and HTTP status", ["call", "status"],
                        registry=metrics.registry)
     entity = f"{_entity_info()}, trusted node {cfg.node_id}"
@@ -83,16 +84,12 @@ def make_skip_app(node: "Node") -> web.Application:
         return resp
 
     def caller_of(request: web.Request) -> str:
-        sae = peer_identity(request.transport)
-        if sae is None or sae not in cfg.saes:
-            raise SkipError(401, f"the client certificate's identity {sae!r} is not a registered system")
-        if cfg.saes[sae] != cfg.node_id:
-            raise SkipError(401, f"system {sae} is attached to node {cfg.saes[sae]}, not to node {cfg.node_id}")
         try:
-            limits.admit(sae)  # [limits]: the same bucket as on ETSI 014 and 004
+            return node.caller(request.transport, noun="system")  # [limits]: shared with ETSI 014 and 004
+        except NotAuthorized as exc:
+            raise SkipError(401, str(exc)) from None
         except LimitExceeded as exc:
             raise SkipError(429, str(exc), exc.retry_after) from None
-        return sae
 
     def query_of(request: web.Request, allowed: set[str], required: set[str]) -> dict[str, str]:
         unknown = sorted(set(request.query) - allowed)

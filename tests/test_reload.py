@@ -17,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from hil.pki import ThrowawayPKI
 from qkdnode import config
 from qkdnode.reload import compare
+from tests.appnet import Client
 from tests.conftest import ready_keys, wait_for
 from tests.ops_support import config_of, samples, value
 from tests.sae_client import SaeClient, bits
@@ -250,6 +251,18 @@ async def test_new_key_limits_and_a_new_sae_take_effect_on_sighup(network):
         handed = await wait_for(new_sae_served, timeout=15, interval=0.3)
         code, got = await b.dec_keys("sae-new", [k["key_ID"] for k in handed["keys"]])
         assert code == 200 and bits(got) == bits(handed)
+    # Every key API of the node knows the newcomer, not only ETSI 014.
+    async with Client(manifest, "sae-new") as new, Client(m, slave) as b:
+        code, made = await new.skip("/key", remoteSystemID=slave)
+        assert code == 200, made
+        code, got = await b.skip(f"/key/{made['keyId']}", remoteSystemID="sae-new")
+        assert code == 200 and got == made
+        qos = {"key_chunk_size": 32, "max_bps": 2560, "min_bps": 256, "jitter": 0, "priority": 1, "timeout": 2000,
+               "TTL": 60}
+        code, opened = await new.open_connect("sae-new", slave, qos)
+        assert code == 200 and opened["status"] in (0, 1), opened   # 1: waiting for the destination to open
+        code, closed = await new.close(opened["key_stream_ID"])
+        assert code == 200 and closed["status"] == 0, closed
 
 
 async def test_a_structural_change_is_refused_whole_named_in_the_log_and_the_node_serves_on(network):
