@@ -225,6 +225,7 @@ class CvQkdSerial:
         self._arrived = asyncio.Event()
         self._to_ack: list[str] = []
         self._handed: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, None] = OrderedDict()   # ids the module delivered or listed (recent ones)
         self._resync = True
         self._max_block_bits = MAX_BLOCK_BITS
         self._attempt_error: DriverError | None = None   # why the last connection attempt failed
@@ -406,6 +407,12 @@ class CvQkdSerial:
                 try:                                            # asked before: a poll the deadline may cut
                     reply = await self._command("GET", bid, deadline=deadline, poll=bid in asked)
                 except DeviceRejected:                          # 404: not there (yet)
+                    if bid in self._seen:
+                        # Delivered here before and no longer held: the module dropped it (its
+                        # store was full, or it was reset). Its event came once; nothing can
+                        # bring it now, so say so at once rather than wait out the deadline.
+                        raise DeviceRejected(f"{self._where}: the module no longer holds block(s) {bid} "
+                                             "(dropped from its full store, or lost in a reset)") from None
                     asked.add(bid)
                     continue
                 except _PollCut:
@@ -453,6 +460,7 @@ class CvQkdSerial:
                 raise self._protocol_error("LIST?", "a count and block ids")
             total, ids = int(fields[0]), fields[1:]
             listed += ids
+            self._saw(ids)
             for bid in ids:
                 if bid in self._blocks or bid in self._handed:
                     continue
@@ -476,7 +484,16 @@ class CvQkdSerial:
         order += [bid for bid in self._blocks if bid not in first]
         self._blocks = OrderedDict((bid, self._blocks[bid]) for bid in order)
 
+    def _saw(self, block_ids) -> None:
+        """Remember ids the module has delivered or listed: one it later says it lacks was dropped."""
+        for bid in block_ids:
+            self._seen[bid] = None
+            self._seen.move_to_end(bid)
+        while len(self._seen) > HANDED_MEMORY:
+            self._seen.popitem(last=False)
+
     def _store_block(self, block: KeyBlock) -> None:
+        self._saw((block.block_id,))
         if block.block_id in self._blocks or block.block_id in self._handed:
             block.wipe()
             return
