@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import serial
 
-from qkdnode.errors import ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable, DriverError
+from qkdnode.errors import (BlocksUnavailable, ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable,
+                             DriverError)
 from qkdnode.interfaces import DeviceHealth, KeyBlock, LinkTelemetry, SourceStatus, driver_settings
 
 log = logging.getLogger("drivers.cvqkd")
@@ -400,31 +401,35 @@ class CvQkdSerial:
         await self._flush_acks(deadline)
         loop = asyncio.get_running_loop()
         asked: set[str] = set()
-        while missing := [b for b in block_ids if b not in self._blocks]:
+        dropped: list[str] = []
+        while missing := [b for b in block_ids if b not in self._blocks and b not in dropped]:
             for bid in missing:
                 if loop.time() >= deadline:
                     break
                 try:                                            # asked before: a poll the deadline may cut
                     reply = await self._command("GET", bid, deadline=deadline, poll=bid in asked)
                 except DeviceRejected:                          # 404: not there (yet)
+                    # Delivered here before and no longer held: the module dropped it (its store
+                    # was full, or it was reset). Its event came once; nothing can bring it now.
                     if bid in self._seen:
-                        # Delivered here before and no longer held: the module dropped it (its
-                        # store was full, or it was reset). Its event came once; nothing can
-                        # bring it now, so say so at once rather than wait out the deadline.
-                        raise DeviceRejected(f"{self._where}: the module no longer holds block(s) {bid} "
-                                             "(dropped from its full store, or lost in a reset)") from None
-                    asked.add(bid)
+                        dropped.append(bid)
+                    else:
+                        asked.add(bid)
                     continue
                 except _PollCut:
                     break
                 self._store_block(self._parse_block(reply, expect_id=bid, from_reply=True))
-            missing = [b for b in block_ids if b not in self._blocks]
+            missing = [b for b in block_ids if b not in self._blocks and b not in dropped]
             remaining = deadline - loop.time()
             if not missing:
                 break
             if remaining <= 0:
-                raise DeviceRejected(f"{self._where}: the module has no block(s) {_ids(missing)}")
+                raise BlocksUnavailable(f"{self._where}: the module has no block(s) {_ids(missing + dropped)}",
+                                        missing + dropped)
             await _wait(self._arrived, min(remaining, max(self.timeout / 5, 0.02)))   # a late BLOCK event, or GET again
+        if dropped:     # said at once, not after the deadline; the call fails whole, naming them
+            raise BlocksUnavailable(f"{self._where}: the module no longer holds block(s) {_ids(dropped)} (dropped "
+                                    "from its full store, or lost in a reset)", dropped)
         out = [self._blocks.pop(b) for b in block_ids]
         self._handed_over(out)
         return out

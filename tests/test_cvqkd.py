@@ -19,7 +19,8 @@ import pytest
 
 from drivers.cvqkd import CvQkdSerial, LineRejected, frame, unframe
 from hil.cvqkd import CvLink, SerialServer, anchor_rate
-from qkdnode.errors import ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable, DriverError
+from qkdnode.errors import (BlocksUnavailable, ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable,
+                             DriverError)
 from qkdnode.interfaces import CvQkdModule, KeySource
 
 CONFIG = "node.toml"
@@ -609,6 +610,50 @@ async def test_after_both_stores_overflowed_the_ends_agree_again_at_once(tmp_pat
         assert first_agreed is not None and first_agreed < 2 * TIMEOUT, rounds
         assert agreed >= 0.8 * offered, rounds
         assert len(link.tx.store) < 32 and len(link.rx.store) < 32   # the backlog is worked off
+    finally:
+        for d in made:
+            await d.close()
+        await link.stop()
+
+
+async def test_blocks_the_receiving_module_dropped_unseen_cost_one_wait_for_the_whole_batch(tmp_path):
+    """The receiver's controller hangs (no events) while its store overflows: blocks the master
+    end still holds are gone at the receiving end, which never saw them. Asked for a batch, the
+    driver waits once for late events and names every block it lacks, so the node fetches the
+    rest at once (qkdnode/links.py) instead of waiting the timeout for each missing block."""
+    link = CvLink(tmp_path, time_scale=TIME_SCALE, tune_seconds=4, block_bits=BLOCK_BITS, channel_loss_db=10.0,
+                  store_blocks=32)
+    await link.start()
+    made: list[CvQkdSerial] = []
+    try:
+        for role in ("transmitter", "receiver"):
+            d = CvQkdSerial.from_settings(settings(link, role, buffer_blocks=64, poll_interval=0), file=CONFIG,
+                                          key=KEY)
+            made.append(d)
+            await d.connect()
+        tx, rx = made
+        await until(lambda: link.tx.state == link.rx.state == "running")
+        link.rx.faults.hang = True
+        first = link.blocks_made
+        await until(lambda: link.blocks_made >= first + 8)
+        held_early = await tx.fetch_new(8 * BLOCK_BITS)          # the master end takes 8 blocks
+        await until(lambda: link.blocks_made >= first + 48)      # the receiver's store drops them, unseen
+        link.rx.faults.hang = False
+        later = await tx.fetch_new(4 * BLOCK_BITS)               # these the receiver still holds
+        ids = [b.block_id for b in held_early + later]
+        gone = [i for i in ids if i not in link.rx.store]
+        assert len(gone) >= 6 and not set(gone) & {b.block_id for b in later}
+
+        with pytest.raises(BlocksUnavailable) as e:
+            await timed(rx.fetch_by_ids(ids))
+        assert timed.elapsed < TIMEOUT + SLACK
+        assert sorted(e.value.block_ids) == sorted(gone) and rx.health.state == "up"
+        rest = [i for i in ids if i not in gone]
+        t0 = time.monotonic()
+        mirror = await rx.fetch_by_ids(rest)                     # fetched by the first call already
+        assert time.monotonic() - t0 < 0.2
+        by_id = {b.block_id: bytes(b.bits) for b in held_early + later}
+        assert [m.block_id for m in mirror] == rest and all(bytes(m.bits) == by_id[m.block_id] for m in mirror)
     finally:
         for d in made:
             await d.close()
