@@ -424,8 +424,13 @@ class CvQkdSerial:
             if not missing:
                 break
             if remaining <= 0:
-                raise BlocksUnavailable(f"{self._where}: the module has no block(s) {_ids(missing + dropped)}",
-                                        missing + dropped)
+                # Named: those the module said it lacks. Not those the time ran out before asking
+                # for (a slow line): the caller asks for them again.
+                lacking = [b for b in missing if b in asked] + dropped
+                unasked = [b for b in missing if b not in asked]
+                raise BlocksUnavailable(f"{self._where}: " + "; ".join(
+                    ([f"the module has no block(s) {_ids(lacking)}"] if lacking else []) +
+                    ([f"no time left to ask for block(s) {_ids(unasked)}"] if unasked else [])), lacking)
             await _wait(self._arrived, min(remaining, max(self.timeout / 5, 0.02)))   # a late BLOCK event, or GET again
         if dropped:     # said at once, not after the deadline; the call fails whole, naming them
             raise BlocksUnavailable(f"{self._where}: the module no longer holds block(s) {_ids(dropped)} (dropped "
