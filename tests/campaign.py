@@ -201,9 +201,22 @@ def mark(ok) -> str:
     return "pass" if ok else "**FAIL**"
 
 
-def render(results: Path, outcomes: Outcomes, mode: str, seconds: float) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+
+
+def _now() -> str:
+    return f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M}"
+
+
+def render(results: Path, outcomes: Outcomes, mode: str, seconds: float, run: dict | None = None) -> str:
+    """The report. `run`: the saved run.json (when and at which commit it ran, tests run again since)."""
+    run = run or {}
+    commit, at = run.get("commit") or _commit(), run.get("at") or _now()
+    again = "".join(f"| run again | {r['at']} UTC, commit {r['commit']}: {', '.join(f'`{t}`' for t in r['tests'])}"
+                    + (f" with `QKDNODE_FAULT_FILTER={r['filter']}`" if r.get("filter") else "")
+                    + " (their outcomes and figures replace the first run's) |\n" for r in run.get("reruns", []))
     failed = [k for k, v in outcomes.tests.items() if v["outcome"] not in ("passed", "skipped")]
     out = [f"""# Reliability and security campaign
 
@@ -213,8 +226,8 @@ actual run: every figure below was measured by the tests named beside it. Do not
 | | |
 | --- | --- |
 | mode | **{mode}** ({'the full fault matrix and long soak: QKDNODE_CAMPAIGN=long' if mode == 'long' else 'bounded, as in `make test`; QKDNODE_CAMPAIGN=long runs the full matrix'}) |
-| run | {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, Python {platform.python_version()}, {os.cpu_count()} CPU(s) |
-| tests run | {len(outcomes.tests)}, {sum(v['outcome'] == 'passed' for v in outcomes.tests.values())} passed, {len(failed)} failed, in {seconds / 60:.1f} min |
+| run | {at} UTC, commit {commit}, Python {platform.python_version()}, {os.cpu_count()} CPU(s) |
+{again}| tests run | {len(outcomes.tests)}, {sum(v['outcome'] == 'passed' for v in outcomes.tests.values())} passed, {len(failed)} failed, in {seconds / 60:.1f} min |
 """]
     if failed:
         out.append("\n**Failed:** " + ", ".join(f"`{f}`" for f in failed) + " (see the rows marked FAIL and the "
@@ -423,9 +436,11 @@ def main(argv: list[str] | None = None) -> int:
             pytest.main(["-q", "-p", "no:cacheprovider", *args.rerun], plugins=[again])
             outcomes.tests.update(again.tests)
             saved["seconds"] += time.monotonic() - started
+            saved.setdefault("reruns", []).append({"at": _now(), "commit": _commit(), "tests": args.rerun,
+                                                   "filter": os.environ.get("QKDNODE_FAULT_FILTER", "")})
             saved["tests"] = outcomes.tests
             (Path(args.render) / "run.json").write_text(json.dumps(saved))
-        out.write_text(render(Path(args.render), outcomes, saved["mode"], saved["seconds"]))
+        out.write_text(render(Path(args.render), outcomes, saved["mode"], saved["seconds"], saved))
         print(f"wrote {out} from {args.render}")
         return 0
     if args.long:
@@ -440,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     code = pytest.main(["-q", "-p", "no:cacheprovider", *tests], plugins=[outcomes])
     seconds = time.monotonic() - started
-    (Path(results) / "run.json").write_text(json.dumps({"mode": mode, "seconds": seconds, "tests": outcomes.tests}))
-    out.write_text(render(Path(results), outcomes, mode, seconds))
+    saved = {"mode": mode, "seconds": seconds, "tests": outcomes.tests, "at": _now(), "commit": _commit()}
+    (Path(results) / "run.json").write_text(json.dumps(saved))
+    out.write_text(render(Path(results), outcomes, mode, seconds, saved))
     print(f"wrote {out} ({mode} mode) from the results in {results}: pytest exit code {code}")
     return int(code)
 
