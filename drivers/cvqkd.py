@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import serial
 
-from qkdnode.errors import ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable, DriverError
+from qkdnode.errors import (BlocksUnavailable, ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable,
+                             DriverError)
 from qkdnode.interfaces import DeviceHealth, KeyBlock, LinkTelemetry, SourceStatus, driver_settings
 
 log = logging.getLogger("drivers.cvqkd")
@@ -225,6 +226,7 @@ class CvQkdSerial:
         self._arrived = asyncio.Event()
         self._to_ack: list[str] = []
         self._handed: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, None] = OrderedDict()   # ids the module delivered or listed (recent ones)
         self._resync = True
         self._max_block_bits = MAX_BLOCK_BITS
         self._attempt_error: DriverError | None = None   # why the last connection attempt failed
@@ -399,25 +401,40 @@ class CvQkdSerial:
         await self._flush_acks(deadline)
         loop = asyncio.get_running_loop()
         asked: set[str] = set()
-        while missing := [b for b in block_ids if b not in self._blocks]:
+        dropped: list[str] = []
+        while missing := [b for b in block_ids if b not in self._blocks and b not in dropped]:
             for bid in missing:
                 if loop.time() >= deadline:
                     break
                 try:                                            # asked before: a poll the deadline may cut
                     reply = await self._command("GET", bid, deadline=deadline, poll=bid in asked)
                 except DeviceRejected:                          # 404: not there (yet)
-                    asked.add(bid)
+                    # Delivered here before and no longer held: the module dropped it (its store
+                    # was full, or it was reset). Its event came once; nothing can bring it now.
+                    if bid in self._seen:
+                        dropped.append(bid)
+                    else:
+                        asked.add(bid)
                     continue
                 except _PollCut:
                     break
                 self._store_block(self._parse_block(reply, expect_id=bid, from_reply=True))
-            missing = [b for b in block_ids if b not in self._blocks]
+            missing = [b for b in block_ids if b not in self._blocks and b not in dropped]
             remaining = deadline - loop.time()
             if not missing:
                 break
             if remaining <= 0:
-                raise DeviceRejected(f"{self._where}: the module has no block(s) {_ids(missing)}")
+                # Named: those the module said it lacks. Not those the time ran out before asking
+                # for (a slow line): the caller asks for them again.
+                lacking = [b for b in missing if b in asked] + dropped
+                unasked = [b for b in missing if b not in asked]
+                raise BlocksUnavailable(f"{self._where}: " + "; ".join(
+                    ([f"the module has no block(s) {_ids(lacking)}"] if lacking else []) +
+                    ([f"no time left to ask for block(s) {_ids(unasked)}"] if unasked else [])), lacking)
             await _wait(self._arrived, min(remaining, max(self.timeout / 5, 0.02)))   # a late BLOCK event, or GET again
+        if dropped:     # said at once, not after the deadline; the call fails whole, naming them
+            raise BlocksUnavailable(f"{self._where}: the module no longer holds block(s) {_ids(dropped)} (dropped "
+                                    "from its full store, or lost in a reset)", dropped)
         out = [self._blocks.pop(b) for b in block_ids]
         self._handed_over(out)
         return out
@@ -453,6 +470,7 @@ class CvQkdSerial:
                 raise self._protocol_error("LIST?", "a count and block ids")
             total, ids = int(fields[0]), fields[1:]
             listed += ids
+            self._saw(ids)
             for bid in ids:
                 if bid in self._blocks or bid in self._handed:
                     continue
@@ -476,7 +494,16 @@ class CvQkdSerial:
         order += [bid for bid in self._blocks if bid not in first]
         self._blocks = OrderedDict((bid, self._blocks[bid]) for bid in order)
 
+    def _saw(self, block_ids) -> None:
+        """Remember ids the module has delivered or listed: one it later says it lacks was dropped."""
+        for bid in block_ids:
+            self._seen[bid] = None
+            self._seen.move_to_end(bid)
+        while len(self._seen) > HANDED_MEMORY:
+            self._seen.popitem(last=False)
+
     def _store_block(self, block: KeyBlock) -> None:
+        self._saw((block.block_id,))
         if block.block_id in self._blocks or block.block_id in self._handed:
             block.wipe()
             return

@@ -56,6 +56,15 @@ class DeviceRejected(DriverError):
     """The device refused the request as malformed or out of its limits (400)."""
 
 
+class BlocksUnavailable(DeviceRejected):
+    """The device does not hold these blocks (`block_ids`) of those asked for by ID; the others
+    may be asked for again without them."""
+
+    def __init__(self, message: str, block_ids: list[str]):
+        super().__init__(message)
+        self.block_ids = list(block_ids)
+
+
 class DeviceUnauthorized(DriverError):
     """The device does not accept our identity (401, or a vendor's 400 for a certificate problem)."""
 

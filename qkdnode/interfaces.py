@@ -67,7 +67,8 @@ class KeySource(Protocol):
 
     async def fetch_by_ids(self, block_ids: list[str]) -> list[KeyBlock]:
         """The blocks with these IDs, in the same order; DeviceRejected (naming them) if the device
-        lacks any of them, so the caller can ask one by one to find which."""
+        lacks any of them, so the caller can ask one by one to find which. A driver that knows
+        which raises BlocksUnavailable with their IDs, and the caller asks for the rest at once."""
 
     async def status(self) -> SourceStatus: ...
 

@@ -26,6 +26,7 @@ from hashlib import sha256
 from qkdnode import native
 from qkdnode.config import LinkConfig
 from qkdnode.errors import (
+    BlocksUnavailable,
     CarveConflict,
     DeviceRejected,
     DriverError,
@@ -399,9 +400,22 @@ class LinkPool:
         return bytearray(native.toeplitz_hash(seed, block.bits, n_in, n_out))
 
     async def _fetch_each(self, ids: list[str], results: dict[str, str]):
-        """All blocks at once; if the device refuses the batch, one by one to find the missing ones."""
+        """All blocks at once; if the device refuses the batch, the rest without the blocks it
+        names as missing, else one by one to find the missing ones."""
         try:
             return await self.source.fetch_by_ids(ids)
+        except BlocksUnavailable as exc:  # one wait for all the missing blocks, not one per block
+            gone = set(exc.block_ids) & set(ids)
+            if gone:
+                for bid in gone:
+                    results[bid] = "unavailable"
+                ids = [bid for bid in ids if bid not in gone]
+                if not ids:
+                    return []
+                try:
+                    return await self.source.fetch_by_ids(ids)
+                except DeviceRejected:
+                    pass
         except DeviceRejected:
             pass
         got = []

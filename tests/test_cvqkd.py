@@ -8,6 +8,7 @@ compared in emulated seconds.
 
 import asyncio
 import base64
+import contextlib
 import logging
 import re
 import time
@@ -18,7 +19,8 @@ import pytest
 
 from drivers.cvqkd import CvQkdSerial, LineRejected, frame, unframe
 from hil.cvqkd import CvLink, SerialServer, anchor_rate
-from qkdnode.errors import ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable, DriverError
+from qkdnode.errors import (BlocksUnavailable, ConfigError, DeviceProtocolError, DeviceRejected, DeviceUnavailable,
+                             DriverError)
 from qkdnode.interfaces import CvQkdModule, KeySource
 
 CONFIG = "node.toml"
@@ -540,3 +542,119 @@ async def test_waiting_for_a_block_the_module_lacks_ends_in_no_block_even_on_a_s
     link.rx.faults.delay = 0
     assert rx.health.state == "up"
     assert (await rx.telemetry()).state in ("running", "calibrating", "no-key")   # late replies not misread
+
+
+async def agree(link: CvLink, tx: CvQkdSerial, rx: CvQkdSerial, blocks: int) -> tuple[int, int]:
+    """One agreement round as a node runs it over the two drivers (qkdnode/links.py): the
+    master end takes up to `blocks` blocks, oldest first, and offers them; while the offer is
+    under way (privacy amplification, the vault, the peer channel) the modules make another
+    block or two; the slave end fetches the same ids, all at once, or one by one if its driver
+    refuses the batch. (offered, agreed)."""
+    got = await tx.fetch_new(blocks * BLOCK_BITS)
+    ids = [b.block_id for b in got]
+    if not ids:
+        return 0, 0
+    made = link.blocks_made
+    await until(lambda: link.blocks_made >= made + 2)
+    try:
+        mirror = await rx.fetch_by_ids(ids)
+    except DeviceRejected:
+        mirror = []
+        for bid in ids:
+            with contextlib.suppress(DeviceRejected):
+                mirror += await rx.fetch_by_ids([bid])
+    mine = {b.block_id: bytes(b.bits) for b in got}
+    assert all(bytes(m.bits) == mine[m.block_id] for m in mirror)
+    return len(ids), len(mirror)
+
+
+async def test_after_both_stores_overflowed_the_ends_agree_again_at_once(tmp_path):
+    """The transmitter's line is down long enough for both modules' stores to fill: they drop
+    their oldest blocks, and keep doing so while the node catches up. The master end's oldest
+    blocks are the ones the receiving end drops first (its buffer and module also hold the blocks
+    of the offer under way), so some offered blocks are gone there. The receiving end says so at
+    once, as the blocks it has seen delivered and its module no longer holds cannot come late;
+    the link then agrees key again within seconds and works off the backlog, instead of waiting
+    out the timeout for every dropped block while the modules drop more."""
+    link = CvLink(tmp_path, time_scale=TIME_SCALE, tune_seconds=4, block_bits=BLOCK_BITS, channel_loss_db=10.0,
+                  store_blocks=32)
+    await link.start()
+    made: list[CvQkdSerial] = []
+    try:
+        for role in ("transmitter", "receiver"):
+            d = CvQkdSerial.from_settings(settings(link, role, buffer_blocks=32), file=CONFIG, key=KEY)
+            made.append(d)
+            await d.connect()
+        tx, rx = made
+        await until(lambda: link.tx.state == link.rx.state == "running")
+        link.tx.drop_line()                                   # a transmitter fault: the node takes nothing
+        start = link.blocks_made
+        await until(lambda: link.blocks_made >= start + 3 * 32, timeout=15)
+        assert "STORE" in link.tx.alarms and "STORE" in link.rx.alarms
+        link.tx.open_line()
+        await until(lambda: _running(tx))
+
+        t0 = time.monotonic()
+        first_agreed = None
+        offered = agreed = 0
+        rounds = []                                           # (seconds, offered, agreed) per round
+        while time.monotonic() - t0 < 8 * TIMEOUT:
+            t_round = time.monotonic()
+            o, a = await agree(link, tx, rx, 8)
+            offered, agreed = offered + o, agreed + a
+            if a and first_agreed is None:
+                first_agreed = time.monotonic() - t0
+            rounds.append((round(time.monotonic() - t_round, 2), o, a))
+        # A round never waits out the timeout for blocks the receiving module has dropped.
+        assert max(secs for secs, _, _ in rounds) < TIMEOUT + SLACK, rounds
+        assert first_agreed is not None and first_agreed < 2 * TIMEOUT, rounds
+        assert agreed >= 0.8 * offered, rounds
+        assert len(link.tx.store) < 32 and len(link.rx.store) < 32   # the backlog is worked off
+    finally:
+        for d in made:
+            await d.close()
+        await link.stop()
+
+
+async def test_blocks_the_receiving_module_dropped_unseen_cost_one_wait_for_the_whole_batch(tmp_path):
+    """The receiver's controller hangs (no events) while its store overflows: blocks the master
+    end still holds are gone at the receiving end, which never saw them. Asked for a batch, the
+    driver waits once for late events and names every block it lacks, so the node fetches the
+    rest at once (qkdnode/links.py) instead of waiting the timeout for each missing block."""
+    link = CvLink(tmp_path, time_scale=TIME_SCALE, tune_seconds=4, block_bits=BLOCK_BITS, channel_loss_db=10.0,
+                  store_blocks=32)
+    await link.start()
+    made: list[CvQkdSerial] = []
+    try:
+        for role in ("transmitter", "receiver"):
+            d = CvQkdSerial.from_settings(settings(link, role, buffer_blocks=64, poll_interval=0), file=CONFIG,
+                                          key=KEY)
+            made.append(d)
+            await d.connect()
+        tx, rx = made
+        await until(lambda: link.tx.state == link.rx.state == "running")
+        link.rx.faults.hang = True
+        first = link.blocks_made
+        await until(lambda: link.blocks_made >= first + 8)
+        held_early = await tx.fetch_new(8 * BLOCK_BITS)          # the master end takes 8 blocks
+        await until(lambda: link.blocks_made >= first + 48)      # the receiver's store drops them, unseen
+        link.rx.faults.hang = False
+        later = await tx.fetch_new(4 * BLOCK_BITS)               # these the receiver still holds
+        ids = [b.block_id for b in held_early + later]
+        gone = [i for i in ids if i not in link.rx.store]
+        assert len(gone) >= 6 and not set(gone) & {b.block_id for b in later}
+
+        with pytest.raises(BlocksUnavailable) as e:
+            await timed(rx.fetch_by_ids(ids))
+        assert timed.elapsed < TIMEOUT + SLACK
+        assert sorted(e.value.block_ids) == sorted(gone) and rx.health.state == "up"
+        rest = [i for i in ids if i not in gone]
+        t0 = time.monotonic()
+        mirror = await rx.fetch_by_ids(rest)                     # fetched by the first call already
+        assert time.monotonic() - t0 < 0.2
+        by_id = {b.block_id: bytes(b.bits) for b in held_early + later}
+        assert [m.block_id for m in mirror] == rest and all(bytes(m.bits) == by_id[m.block_id] for m in mirror)
+    finally:
+        for d in made:
+            await d.close()
+        await link.stop()
