@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CAMPAIGN = ["tests/test_faults.py", "tests/test_crash_network.py", "tests/test_hostile_input.py",
-            "tests/test_parser_fuzz.py", "tests/test_tls_access.py", "tests/test_limits.py", "tests/test_soak.py"]
+            "tests/test_parser_fuzz.py", "tests/test_tls_access.py", "tests/test_limits.py", "tests/test_limits_apis.py",
+            "tests/test_soak.py"]
 
 # Driver-level fault rows: every driver on its own against its emulator (switch, OSA, SNMP
 # telemetry, and the key-source drivers): (device, fault, test).
@@ -93,7 +94,8 @@ INVARIANTS = [
      ["tests/test_hostile_input.py", "tests/test_parser_fuzz.py",
       "tests/test_backbone.py::test_bad_requests_get_400_and_take_no_key",
       "tests/test_config.py::test_a_mistake_is_named_by_file_key_and_what_was_found",
-      "tests/test_limits.py::test_an_sae_over_its_rate_or_quota_gets_429_and_takes_nothing"]),
+      "tests/test_limits.py::test_an_sae_over_its_rate_or_quota_gets_429_and_takes_nothing",
+      "tests/test_limits_apis.py"]),
 ]
 
 
@@ -342,7 +344,8 @@ orphans and stranded bits; it is not built yet.
         if f.get("target") == "totals":
             continue
         out.append(f"| {f['target']} | {f.get('examples', f.get('status', 1))} | {mark(f.get('passed'))} |\n")
-    from tests.test_hostile_input import EXAMPLES as hostile_examples
+    from tests.test_hostile_input import examples_for
+    hostile_examples = examples_for(mode == "long")  # the run's mode, not this process's
     for name in ("test_enc_keys_with_hostile_bodies", "test_dec_keys_with_hostile_key_ids",
                  "test_query_strings_with_hostile_values", "test_peer_messages_from_the_right_node_with_hostile_content",
                  "test_etsi004_calls_with_hostile_bodies", "test_skip_calls_with_hostile_parameters"):

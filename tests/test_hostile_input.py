@@ -29,7 +29,14 @@ from tests.campaign_support import LONG, record
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "docs" / "openapi" / "etsi014.yaml"
-EXAMPLES = 400 if LONG else 40
+
+
+def examples_for(long: bool) -> int:
+    """Hypothesis examples per hostile-input test in the campaign's long or bounded mode."""
+    return 400 if long else 40
+
+
+EXAMPLES = examples_for(LONG)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not LONG,
                 suppress_health_check=list(HealthCheck))
 TIMEOUT = 15.0          # a refused request is answered well within this; more is a hang

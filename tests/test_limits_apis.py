@@ -8,6 +8,7 @@ import uuid
 
 from qkdnode.reload import reload_node
 from tests.appnet import Client, running
+from tests.campaign_support import record
 
 # Best effort (min_bps 0): the stream is accepted whatever the pool holds.
 QOS = {"key_chunk_size": 32, "max_bps": 2560, "min_bps": 0, "jitter": 0, "priority": 1, "timeout": 2000,
@@ -67,6 +68,11 @@ async def test_a_quota_spent_over_etsi014_refuses_skip_and_etsi004_and_they_take
             # And the slave of sae-a1's keys is never refused for its master's quota.
             status, got = await b1.dec_keys("sae-a1", [k["key_ID"] for k in spent])
             assert status == 200 and [k["key"] for k in got["keys"]] == [k["key"] for k in spent]
+    record("tls", case="key-bit quota over [limits] spent over ETSI 014, then asked over another API",
+           listener="SKIP", outcome="429 naming the quota, Retry-After; no key taken", passed=True)
+    record("tls", case="key-bit quota over [limits] spent over ETSI 014, then asked over another API",
+           listener="ETSI 004", outcome="INSUFFICIENT_KEY_AVAILABLE naming the quota at both ends, at once; "
+                                        "no index allocated, no key taken", passed=True)
 
 
 async def test_the_request_rate_is_one_bucket_for_all_three_apis(tmp_path):
@@ -91,6 +97,9 @@ async def test_the_request_rate_is_one_bucket_for_all_three_apis(tmp_path):
             # Another SAE of the node has its own bucket.
             status, new = await a2.skip("/key", remoteSystemID="sae-b1")
             assert status == 200, new
+    record("tls", case="request rate over [limits]: one bucket per SAE across the three APIs",
+           listener="ETSI 014, 004, SKIP", outcome="429 on every API once the bucket is empty; no stream opened, "
+                                                  "no key taken; another SAE unaffected", passed=True)
 
 
 async def test_a_reload_changes_the_limits_and_keeps_what_was_spent_today(tmp_path):
