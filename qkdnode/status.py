@@ -2,8 +2,11 @@
 
 Reads the node's config (for its name, links, peers and SAEs, and where `[metrics] listen`
 is), scrapes `/metrics` over HTTP, and reports links (device figures and pools), devices,
-peers, SAEs, ETSI 014 traffic and certificate expiry, as tables or as JSON. It needs no key,
-no TLS material and no access to the vault: any user who can read the config can run it.
+peers, SAEs, ETSI 014 traffic and certificate expiry, as tables or as JSON. Links the SDN
+agent switched in (docs/sdn.md) are listed after the configured ones, from their metrics, with
+their peer and module from `sdn-links.json` beside the vault where the user may read it. It
+needs no key, no TLS material and no access to the vault's database: any user who can read
+the config can run it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qkdnode.config import NodeConfig
 from qkdnode.errors import QkdnodeError
+from qkdnode.sdn import STATE_FILE as SDN_STATE_FILE   # switched links beside the vault (no key in it)
 
 TIMEOUT = 5.0
 
@@ -84,24 +88,17 @@ def report(cfg: NodeConfig, samples: Samples, now: float | None = None) -> dict[
     """The node's status as plain data (what `--json` prints). Absent figures are null;
     `time_to_empty_seconds` is null also when the pool is not shrinking (+Inf in the metrics)."""
     now = dt.datetime.now(dt.timezone.utc).timestamp() if now is None else now
-    links = []
-    for link in cfg.links:
-        state = next((lab["state"] for lab, v in samples.get("qkdnode_link_state", []) if lab.get("link") == link.id
-                      and v == 1), None)
-        device = next((lab["state"] for lab, v in samples.get("qkdnode_device_state", [])
-                       if lab.get("device") == link.id and v == 1), None)
-        tte = _one(samples, "qkdnode_pool_time_to_empty_seconds", link=link.id)
-        links.append({
-            "id": link.id, "peer": link.peer, "role": link.role, "driver": link.driver,
-            "device": device, "state": state,
-            "qber": _one(samples, "qkdnode_link_qber_ratio", link=link.id),
-            "excess_noise_snu": _one(samples, "qkdnode_link_excess_noise_snu", link=link.id),
-            "secret_key_rate_bps": _one(samples, "qkdnode_link_secret_key_rate_bits_per_second", link=link.id),
-            "pool": {"ready_bits": _one(samples, "qkdnode_pool_ready_bits", link=link.id),
-                     "pending_bits": _one(samples, "qkdnode_pool_bits", link=link.id, state="pending"),
-                     "target_bits": link.pool_target_bits,
-                     "time_to_empty_seconds": _finite(tte), "shrinking": tte is not None and math.isfinite(tte)},
-        })
+    links = [_link(samples, link.id, link.peer, link.role, link.driver, link.id, link.pool_target_bits, False)
+             for link in cfg.links]
+    configured = {link.id for link in cfg.links}
+    made = _switched_links(cfg)
+    in_metrics = {lab["link"] for lab, _ in samples.get("qkdnode_pool_ready_bits", []) if "link" in lab}
+    drivers = {d.id: d.driver for d in cfg.devices}
+    for link_id in sorted((in_metrics | set(made)) - configured):
+        sw = made.get(link_id, {})
+        role = {"transmitter": "master", "receiver": "slave"}.get(sw.get("role"))
+        links.append(_link(samples, link_id, sw.get("peer"), role, drivers.get(sw.get("device")), sw.get("device"),
+                           cfg.sdn.pool_target_bits if cfg.sdn else None, True))
     devices = [{"device": lab["device"], "kind": lab.get("kind"), "up": v == 1,
                 "state": next((s["state"] for s, x in samples.get("qkdnode_device_state", [])
                                if s.get("device") == lab["device"] and x == 1), None)}
@@ -122,6 +119,40 @@ def report(cfg: NodeConfig, samples: Samples, now: float | None = None) -> dict[
     return {"node": cfg.node_id, "config": str(cfg.file), "metrics": metrics_url(cfg), "links": links,
             "devices": devices, "peers": peers, "saes": saes, "etsi014_requests": requests, "keys_served": served,
             "certificates": certs, "config_loaded": _iso(loaded) if loaded else None}
+
+
+def _link(samples: Samples, link_id: str, peer: str | None, role: str | None, driver: str | None,
+          device_name: str | None, target: int | None, switched: bool) -> dict[str, Any]:
+    state = next((lab["state"] for lab, v in samples.get("qkdnode_link_state", []) if lab.get("link") == link_id
+                  and v == 1), None)
+    device = next((lab["state"] for lab, v in samples.get("qkdnode_device_state", [])
+                   if device_name is not None and lab.get("device") == device_name and v == 1), None)
+    tte = _one(samples, "qkdnode_pool_time_to_empty_seconds", link=link_id)
+    return {
+        "id": link_id, "switched": switched, "peer": peer, "role": role, "driver": driver,
+        "device": device, "state": state,
+        "qber": _one(samples, "qkdnode_link_qber_ratio", link=link_id),
+        "excess_noise_snu": _one(samples, "qkdnode_link_excess_noise_snu", link=link_id),
+        "secret_key_rate_bps": _one(samples, "qkdnode_link_secret_key_rate_bits_per_second", link=link_id),
+        "pool": {"ready_bits": _one(samples, "qkdnode_pool_ready_bits", link=link_id),
+                 "pending_bits": _one(samples, "qkdnode_pool_bits", link=link_id, state="pending"),
+                 "target_bits": target,
+                 "time_to_empty_seconds": _finite(tte), "shrinking": tte is not None and math.isfinite(tte)},
+    }
+
+
+def _switched_links(cfg: NodeConfig) -> dict[str, dict[str, Any]]:
+    """The switched links the SDN agent keeps beside the vault, by link ID; {} when there are
+    none, or the file cannot be read by this user (the links then show from metrics alone)."""
+    if cfg.sdn is None:
+        return {}
+    try:
+        entries = json.loads((cfg.vault.path.parent / SDN_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, list):
+        return {}
+    return {e["qkdl_id"]: e for e in entries if isinstance(e, dict) and isinstance(e.get("qkdl_id"), str)}
 
 
 def _iso(ts: float) -> str:
@@ -171,7 +202,8 @@ def render(r: dict[str, Any]) -> str:
     out.append(_table(
         ["LINK", "PEER", "ROLE", "DRIVER", "DEVICE", "STATE", "QBER", "EXCESS NOISE", "KEY RATE", "READY", "TARGET",
          "TIME TO EMPTY"],
-        [[ln["id"], ln["peer"], ln["role"], ln["driver"], ln["device"] or "-", ln["state"] or "-",
+        [[ln["id"] + (" (SDN)" if ln["switched"] else ""), ln["peer"] or "-", ln["role"] or "-", ln["driver"] or "-",
+          ln["device"] or "-", ln["state"] or "-",
           "-" if ln["qber"] is None else f"{ln['qber'] * 100:.2f} %",
           "-" if ln["excess_noise_snu"] is None else f"{ln['excess_noise_snu']:.3f} SNU",
           _rate(ln["secret_key_rate_bps"]), _bits(ln["pool"]["ready_bits"]), _bits(ln["pool"]["target_bits"]),

@@ -11,6 +11,8 @@ import base64
 import json
 import signal
 import ssl
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from hil.testbed import DEFAULT_TOPOLOGY, LinkSpec, SpareSpec, Testbed, Topology
 from qkdnode import config
 from qkdnode.errors import ConfigError
 from tests.conftest import scrape, wait_for
+from tests.ops_support import config_of
 from tests.sae_client import SaeClient, bits
 
 T = "etsi-qkdn-types:"
@@ -128,6 +131,13 @@ async def test_a_controller_switches_a_direct_cv_link_between_two_relayed_nodes_
         assert metric(demo, "A", "qkdnode_relay_route_keys_total", dest="C", path="A>C") == 3
         assert metric(demo, "A", "qkdnode_relay_route_keys_total", dest="C") == relayed_paths + 3
 
+        # The operator's `qkdnode status` lists the switched link beside the configured ones.
+        shown = await status_links(m, "A")
+        assert qkdl_id in shown and shown[qkdl_id]["switched"] is True, shown
+        assert (shown[qkdl_id]["peer"], shown[qkdl_id]["role"]) == ("C", "master")
+        assert shown[qkdl_id]["pool"]["ready_bits"] > 0 and shown[qkdl_id]["device"] == "up"
+        assert not any(ln["switched"] for lid, ln in shown.items() if lid != qkdl_id)
+
         model = await ctl.model("A")
         entry = phys_link_to(model, ctl, "C")
         assert entry["qkdl_id"] == qkdl_id and entry["qkdnode:consumed_bits"] >= 3 * 256
@@ -173,6 +183,7 @@ async def test_a_controller_switches_a_direct_cv_link_between_two_relayed_nodes_
         with pytest.raises(SdnError) as info:
             await ctl.delete_link("A", qkdl_id)
         assert info.value.status == 404
+        assert qkdl_id not in await status_links(m, "A")
 
         direct = metric(demo, "A", "qkdnode_relay_route_keys_total", dest="C", path="A>C")
         total = metric(demo, "A", "qkdnode_relay_route_keys_total", dest="C")
@@ -183,6 +194,16 @@ async def test_a_controller_switches_a_direct_cv_link_between_two_relayed_nodes_
         assert metric(demo, "A", "qkdnode_sdn_requests_total", operation="delete", result="done") == 1
         await events_a.close()
         await events_c.close()
+
+
+async def status_links(m: dict, node: str) -> dict[str, dict]:
+    """The links `qkdnode status --config FILE --json` reports for a running node, by ID."""
+    proc = await asyncio.create_subprocess_exec(str(Path(sys.executable).parent / "qkdnode"), "status", "--config",
+                                                str(config_of(m["nodes"][node])), "--json",
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    return {ln["id"]: ln for ln in json.loads(out)["links"]}
 
 
 # ------------------------------------------------------------------ refusals
