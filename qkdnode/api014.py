@@ -70,6 +70,7 @@ def make_api_app(node: "Node") -> web.Application:
     limits = node.limits  # [limits], shared with ETSI 004 and SKIP: 429 before anything is taken
     counted: dict[tuple[str, int], Any] = {}  # the metrics' labelled children, looked up once
     timed: dict[str, Any] = {}
+    served = {call: metrics.keys_served.labels(call) for call in ("enc_keys", "dec_keys")}
 
     @web.middleware
     async def errors(request: web.Request, handler):
@@ -213,7 +214,7 @@ def make_api_app(node: "Node") -> web.Application:
         except QkdnodeError as exc:
             log.error("enc_keys for %s: %s", master, exc)
             raise ApiError(503, f"no key handed out: {exc}") from None
-        metrics.keys_served.labels("enc_keys").inc(len(handouts))
+        served["enc_keys"].inc(len(handouts))
         return _key_container([(h.key_ID, h.bits) for h in handouts])
 
     # -- dec_keys
@@ -249,7 +250,7 @@ def make_api_app(node: "Node") -> web.Application:
             raise ApiError(400, str(exc), parameter="key_ID", value=exc.key_id) from None
         except NotYourKey as exc:
             raise ApiError(401, str(exc), parameter="key_ID", value=exc.key_id) from None
-        metrics.keys_served.labels("dec_keys").inc(len(keys))
+        served["dec_keys"].inc(len(keys))
         return _key_container(keys)
 
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
