@@ -70,7 +70,13 @@ def make_api_app(node: "Node") -> web.Application:
     limits = node.limits  # [limits], shared with ETSI 004 and SKIP: 429 before anything is taken
     counted: dict[tuple[str, int], Any] = {}  # the metrics' labelled children, looked up once
     timed: dict[str, Any] = {}
-    served = {call: metrics.keys_served.labels(call) for call in ("enc_keys", "dec_keys")}
+    served: dict[str, Any] = {}  # looked up at the first key served (a series appears only then)
+
+    def count_served(call: str, n: int) -> None:
+        counter = served.get(call)
+        if counter is None:
+            counter = served[call] = metrics.keys_served.labels(call)
+        counter.inc(n)
 
     @web.middleware
     async def errors(request: web.Request, handler):
@@ -214,7 +220,7 @@ def make_api_app(node: "Node") -> web.Application:
         except QkdnodeError as exc:
             log.error("enc_keys for %s: %s", master, exc)
             raise ApiError(503, f"no key handed out: {exc}") from None
-        served["enc_keys"].inc(len(handouts))
+        count_served("enc_keys", len(handouts))
         return _key_container([(h.key_ID, h.bits) for h in handouts])
 
     # -- dec_keys
@@ -250,7 +256,7 @@ def make_api_app(node: "Node") -> web.Application:
             raise ApiError(400, str(exc), parameter="key_ID", value=exc.key_id) from None
         except NotYourKey as exc:
             raise ApiError(401, str(exc), parameter="key_ID", value=exc.key_id) from None
-        served["dec_keys"].inc(len(keys))
+        count_served("dec_keys", len(keys))
         return _key_container(keys)
 
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
