@@ -13,7 +13,8 @@ ETSI 014 KME pair at unlimited key rate), then, in one run:
 - dec_keys: the slave SAE fetches each key at node B right after the master SAE got it;
 - ingest: ready key bits per second node A takes from its link, idle and while serving the
   64-client enc_keys load, from the ETSI 014 KME pair, and from a CV-QKD pair whose blocks are
-  privacy-amplified (hil/cvqkd.py at a large time scale).
+  privacy-amplified (hil/cvqkd.py at a large time scale); idle, also the CPU time nodes A and B
+  and the emulators (this process) spend per Mbit.
 
 The load generator (bench/loadgen.py) is a separate process. Each figure is the median over the
 repeats; ratios are taken between medians of the same run. JSON goes to stdout (and --out); the
@@ -202,15 +203,21 @@ async def delivery(work: Path, args) -> dict:
 
 async def ingest_rate(tb: Testbed, seconds: float, load: dict | None = None) -> dict:
     """Ready bits per second at node A (idle, or while `load` runs): growth of the ready pool
-    plus what enc_keys took from it meanwhile."""
+    plus what enc_keys took from it meanwhile. Idle, also the CPU time each process spent per
+    Mbit of it (ms; the emulated KMEs run in this process)."""
+    pids = {"node A": tb.nodes["A"].proc.pid, "node B": tb.nodes["B"].proc.pid, "KMEs": os.getpid()}
     if load is not None:
-        task = asyncio.create_task(loadgen(load, {"node A": tb.nodes["A"].proc.pid, "node B": tb.nodes["B"].proc.pid,
-                                                  "KMEs": os.getpid()}))
+        task = asyncio.create_task(loadgen(load, pids))
         await asyncio.sleep(load["warmup"])
+    c0 = {k: cpu_seconds(p) for k, p in pids.items()}
     m0, t0 = await scrape(tb, "A"), time.monotonic()
     await asyncio.sleep(seconds)
     m1, t1 = await scrape(tb, "A"), time.monotonic()
-    out = {"ready_bits_per_s": (ready_bits(m1) - ready_bits(m0) + (served(m1) - served(m0)) * KEY_BITS) / (t1 - t0)}
+    c1 = {k: cpu_seconds(p) for k, p in pids.items()}
+    bits = ready_bits(m1) - ready_bits(m0) + (served(m1) - served(m0)) * KEY_BITS
+    out = {"ready_bits_per_s": bits / (t1 - t0)}
+    if load is None and bits > 0:
+        out["cpu_ms_per_mbit"] = {k: round(1000 * (c1[k] - c0[k]) / (bits / 1e6), 3) for k in pids}
     if load is not None:
         out["enc_keys"] = await task
     return out
@@ -226,12 +233,15 @@ async def ingest(work: Path, args, kind: str) -> dict:
     await tb.start()
     try:
         await wait_ready(tb, 1 << 16)
-        idle, loaded, emulator = [], [], []
+        idle, idle_cpu, loaded, emulator = [], [], [], []
         for rep in range(args.repeat):
             cv = tb.devices["A-B"][0] if kind == "cv" else None
             made = cv.blocks_made if cv else 0
             t0 = time.monotonic()
-            idle.append((await ingest_rate(tb, args.seconds))["ready_bits_per_s"])
+            r = await ingest_rate(tb, args.seconds)
+            idle.append(r["ready_bits_per_s"])
+            if "cpu_ms_per_mbit" in r:
+                idle_cpu.append(r["cpu_ms_per_mbit"])
             if cv:  # what the emulated pair produced meanwhile, after privacy amplification
                 from qkdnode.links import pa_output_bits
                 leaked = round(cv.block_bits * cv.leak_fraction())
@@ -244,6 +254,9 @@ async def ingest(work: Path, args, kind: str) -> dict:
                 log(f"[{rep + 1}/{args.repeat}] ingest {kind} with 64 enc_keys clients: "
                     f"{r['ready_bits_per_s'] / 1e6:.2f} Mb/s, enc_keys {r['enc_keys']['requests_per_s']:.0f}/s")
         out = {"idle_bits_per_s": statistics.median(idle), "idle_runs": idle}
+        if idle_cpu:
+            out["idle_cpu_ms_per_mbit"] = {k: round(statistics.median(c[k] for c in idle_cpu), 3) for k in idle_cpu[0]}
+            out["idle_cpu_runs"] = idle_cpu
         if emulator:
             out["emulator_output_bits_per_s"] = statistics.median(emulator)
         if loaded:

@@ -1,8 +1,9 @@
 """ETSI GS QKD 014 key client: the node as an SAE of a vendor KME (ID Quantique, Toshiba).
 
 Mutual TLS with hostname verification (`server_hostname` when the KME's certificate names a
-host and the config reaches it by IP); `status` read at connect and before each fetch so
-`number` and `size` stay inside what the KME allows; a timeout per call, retries with
+host and the config reaches it by IP); `status` read at connect, and again before a fetch
+that what it last said (less the key taken since) does not cover, so `number` and `size` stay
+inside what the KME allows (a 503 or 400 to a fetch made without it reads it and asks again); a timeout per call, retries with
 exponential backoff on timeouts, refused connections and 503; 400, 401 and a KME certificate
 that fails verification raised at once as distinct errors. Key bits leave this module only inside KeyBlock objects.
 
@@ -74,6 +75,7 @@ class Etsi014KeySource:
         self.last_status: SourceStatus | None = None
         self.health = DeviceHealth()
         self._taken_bits = 0  # key this end took from the KME, for the arrival estimate
+        self._credit_bits = 0  # key the KME held as of last_status, less what this end took since
         self._arrivals: deque[tuple[float, int, int]] = deque()  # (time, bits the KME holds, _taken_bits)
 
     @classmethod
@@ -152,6 +154,7 @@ class Etsi014KeySource:
         if st.max_key_per_request < 1 or not st.min_key_size <= st.max_key_size:
             raise DeviceProtocolError(f"{self.base}: status limits make no sense: {values}")
         self.last_status = st
+        self._credit_bits = st.stored_key_count * st.key_size  # key the KME holds for us, less what we take
         ext = body.get("status_extension")
         return st, ext if isinstance(ext, dict) else {}
 
@@ -178,14 +181,34 @@ class Etsi014KeySource:
         return size - size % 8 if size >= 8 else 8
 
     async def fetch_new(self, max_bits: int) -> list[KeyBlock]:
+        # The KME's last status, less what we took since, still covering the whole request: ask
+        # for the keys without reading the status again (its key only grows, unless another SAE
+        # takes it). If the KME answers that it has not enough key (503) or refuses the request
+        # (400: its limits changed), the status is read and the request made as below.
+        st = self.last_status
+        if st is not None:
+            size = self.key_size(st)
+            number = min(st.max_key_per_request, max(1, max_bits // size))
+            if self._credit_bits >= number * size:
+                try:
+                    body = await self._call("POST", f"{self.peer_sae_id}/enc_keys", {"number": number, "size": size},
+                                            retry_busy=False)
+                except (_KmeBusy, DeviceRejected):
+                    pass
+                else:
+                    return self._took(self._parse_keys(body, size, expect_ids=None))
         st = await self.status()
         size = self.key_size(st)
         number = min(st.max_key_per_request, st.stored_key_count * st.key_size // size, max(1, max_bits // size))
         if number <= 0:
             return []
         body = await self._call("POST", f"{self.peer_sae_id}/enc_keys", {"number": number, "size": size})
-        blocks = self._parse_keys(body, size, expect_ids=None)
-        self._taken_bits += sum(8 * len(b.bits) for b in blocks)
+        return self._took(self._parse_keys(body, size, expect_ids=None))
+
+    def _took(self, blocks: list[KeyBlock]) -> list[KeyBlock]:
+        bits = sum(8 * len(b.bits) for b in blocks)
+        self._taken_bits += bits
+        self._credit_bits -= bits
         return blocks
 
     async def fetch_by_ids(self, block_ids: list[str]) -> list[KeyBlock]:
@@ -201,7 +224,7 @@ class Etsi014KeySource:
 
     # -- transport
 
-    async def _call(self, method: str, path: str, payload: Any = None) -> Any:
+    async def _call(self, method: str, path: str, payload: Any = None, retry_busy: bool = True) -> Any:
         if self._session is None:
             raise DeviceUnavailable(f"{self.base}: not connected")
         url = f"{self.base}/{path}"
@@ -213,6 +236,8 @@ class Etsi014KeySource:
                 self.health.ok()  # the KME answered properly; the request was out of its limits
                 raise
             except DeviceUnavailable as exc:
+                if not retry_busy and isinstance(exc, _KmeBusy):  # the caller has another way to go
+                    raise
                 if attempt == self.retries:
                     self.health.failed(exc)
                     raise
@@ -256,7 +281,7 @@ class Etsi014KeySource:
         if status == 400:
             raise DeviceRejected(f"{url}: 400: {message}")
         if status == 503:
-            raise DeviceUnavailable(f"{url}: 503: {message}")
+            raise _KmeBusy(f"{url}: 503: {message}")
         raise DeviceProtocolError(f"{url}: unexpected HTTP {status}: {message}")
 
     def _parse_keys(self, body: Any, size: int | None, expect_ids: list[str] | None) -> list[KeyBlock]:
@@ -297,6 +322,10 @@ class Etsi014KeySource:
             raise DeviceProtocolError(f"{self.base}: enc_keys answered no keys")
         return list(blocks.values())
 
+
+
+class _KmeBusy(DeviceUnavailable):
+    """The KME answered 503 (out of service, or not enough key for the request)."""
 
 
 # A key_ID in the canonical 8-4-4-4-12 hex form (what every KME sends); uuid.UUID accepts it too.

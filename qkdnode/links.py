@@ -179,8 +179,10 @@ class LinkPool:
             pending = await self.vault.run(self.vault.pending_blocks, self.cfg.id)
             if pending:
                 await self._offer(pending, None, await self.vault.run(self.vault.pending_parts, self.cfg.id))
-        held = await self.vault.run(self.vault.held_bytes, self.cfg.id)
-        want = self.cfg.pool_target_bits - held * 8
+        # Ready and pending key as of the vault's last commit: no vault round trip (under load it
+        # would wait behind the hand-outs' commits every round). Blocks of an offer still under
+        # way are pending, so they count.
+        want = self.cfg.pool_target_bits - sum(self.vault.committed_pool_bits(self.cfg.id).values())
         if want <= 0:
             return False
         # A device that answers a full batch (a KME hands out at most max_key_per_request keys a

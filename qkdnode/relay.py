@@ -80,6 +80,7 @@ class Router:
         self.node = node
         self.me = node.cfg.node_id
         self.metrics = node.metrics
+        self._direct_keys: dict[str, object] = {}  # route_keys children of direct hand-outs, looked up once
         self.lsdb: dict[str, Advert] = {}
         self._seq = time.time_ns()
         self._tasks: list[asyncio.Task] = []
@@ -231,7 +232,10 @@ class Router:
         if pool is not None:
             try:
                 handouts = await pool.hand_out(master, slaves, number, size)
-                self.metrics.route_keys.labels(dest, f"{self.me}>{dest}").inc(number)
+                counter = self._direct_keys.get(dest)
+                if counter is None:
+                    counter = self._direct_keys[dest] = self.metrics.route_keys.labels(dest, f"{self.me}>{dest}")
+                counter.inc(number)
                 return handouts
             except (PoolExhausted, PeerUnavailable) as exc:
                 log.info("link %s cannot serve this request (%s); trying relay paths", pool.cfg.id, exc)

@@ -146,6 +146,28 @@ async def test_master_fetches_within_kme_limits_and_slave_gets_the_same_bits_onc
         await slave.fetch_by_ids(wanted[:1])
 
 
+async def test_status_is_read_again_only_when_what_it_said_no_longer_covers_the_request(kme, driver):
+    pair = await kme(profile="toshiba", rate_bps=0.0, initial_keys=64)   # 64 keys of 256 bits in store
+    drv = await driver(pair, profile="toshiba", key_size=1024)
+    assert pair.hits["A", "status"] == 1
+    for _ in range(4):                                         # 4 x 4 x 1024 bits: what connect's status said
+        assert sizes(await drv.fetch_new(4096)) == [1024] * 4
+    assert pair.hits == {("A", "status"): 1, ("A", "enc_keys"): 4}
+    assert await drv.fetch_new(4096) == []                     # nothing left by its count: asked, and empty
+    assert pair.hits == {("A", "status"): 2, ("A", "enc_keys"): 4}
+
+
+async def test_key_another_sae_took_meanwhile_costs_one_503_then_the_status(kme, driver):
+    pair = await kme(profile="toshiba", rate_bps=0.0, initial_keys=64)
+    drv = await driver(pair, profile="toshiba", key_size=1024, retries=3, backoff=5.0)
+    assert pair.stream.take(56 * 256) is not None              # someone else's request: 8 keys of 256 bits left
+    t0 = time.monotonic()
+    assert sizes(await drv.fetch_new(8192)) == [1024, 1024]    # 503 for 8, then the status, then the 2 it has
+    assert time.monotonic() - t0 < 1.0                         # the 503 of the first try was not retried
+    assert pair.hits == {("A", "status"): 2, ("A", "enc_keys"): 2}
+    assert drv.health.state != "down"
+
+
 @pytest.mark.parametrize("asked, delivered", [(4096, 1024), (64, 128), (512, 512), (None, 256)])
 async def test_key_size_setting_is_kept_inside_the_kmes_limits(kme, driver, asked, delivered):
     pair = await kme(profile="toshiba", rate_bps=None)
@@ -211,6 +233,7 @@ async def test_kme_out_of_service_is_retried_then_unavailable(kme, driver):
         await drv.fetch_new(256)
     assert time.monotonic() - t0 >= 0.05 + 0.1
     assert pair.hits["A", "status"] == 1 + 3                   # connect, then 1 try + 2 retries
+    assert pair.hits["A", "enc_keys"] == 1                     # asked once on the status of connect; its 503 not retried
     pair.ends["A"].faults.down = False
     assert sizes(await drv.fetch_new(256)) == [256]            # back in service: the same driver recovers
 
@@ -223,7 +246,8 @@ async def test_hung_kme_is_given_up_on_after_the_timeout(kme, driver):
     with pytest.raises(DeviceUnavailable, match="no answer within 0.3 s"):
         await drv.fetch_new(256)
     assert 0.6 <= time.monotonic() - t0 < 2.0
-    assert pair.hits["A", "status"] == 1 + 2
+    # The status read at connect still covers the request: enc_keys is asked at once, 1 try + 1 retry.
+    assert (pair.hits["A", "status"], pair.hits["A", "enc_keys"]) == (1, 2)
 
 
 async def test_garbage_answer_is_a_protocol_error_and_not_retried(kme, driver):
@@ -232,7 +256,7 @@ async def test_garbage_answer_is_a_protocol_error_and_not_retried(kme, driver):
     pair.ends["A"].faults.garbage = True
     with pytest.raises(DeviceProtocolError, match="not JSON"):
         await drv.fetch_new(256)
-    assert pair.hits["A", "status"] == 2
+    assert pair.hits["A", "status"] == 1 and pair.hits["A", "enc_keys"] == 1
 
 
 async def test_slow_kme_within_the_timeout_still_delivers(kme, driver):
@@ -241,8 +265,8 @@ async def test_slow_kme_within_the_timeout_still_delivers(kme, driver):
     drv = await driver(pair, timeout=2.0)
     t0 = time.monotonic()
     assert sizes(await drv.fetch_new(512)) == [256, 256]
-    assert time.monotonic() - t0 >= 0.4                        # status and enc_keys, each delayed
-    assert pair.hits == {("A", "status"): 2, ("A", "enc_keys"): 1}
+    assert time.monotonic() - t0 >= 0.2                        # enc_keys delayed (the status of connect covers it)
+    assert pair.hits == {("A", "status"): 1, ("A", "enc_keys"): 1}
 
 
 # -- KMEs that behave unlike the emulator
