@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
