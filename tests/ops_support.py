@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from qkdnode import config
+from qkdnode.config import LinkConfig, NodeConfig
 
 
 def config_of(node: dict) -> Path:
@@ -14,6 +18,30 @@ def config_of(node: dict) -> Path:
     as an operator finds it with `ps`."""
     argv = Path(f"/proc/{node['pid']}/cmdline").read_bytes().split(b"\0")
     return Path(argv[argv.index(b"--config") + 1].decode())
+
+
+@dataclass
+class Seen:
+    """A running node as an operator finds it: its manifest entry, its config file and what it
+    says, its first link, and an SAE at each end of that link (master here, slave at the peer)."""
+
+    name: str
+    node: dict
+    path: Path
+    cfg: NodeConfig
+    link: LinkConfig
+    master: str
+    slave: str
+
+
+def first_node(m: dict) -> Seen:
+    """The first node of a testbed manifest `m`, seen through its running process."""
+    name, node = next(iter(m["nodes"].items()))
+    path = config_of(node)
+    cfg = config.load(path)
+    link = cfg.links[0]
+    return Seen(name, node, path, cfg, link, next(s for s, e in m["saes"].items() if e["node"] == name),
+                next(s for s, e in m["saes"].items() if e["node"] == link.peer))
 
 
 def samples(url: str) -> dict[tuple[str, frozenset], float]:

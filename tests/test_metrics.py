@@ -25,7 +25,7 @@ from qkdnode.metrics import NodeMetrics
 from qkdnode.telemetry import Telemetry, TimeToEmpty
 from qkdnode.tlsutil import server_context
 from tests.conftest import wait_for
-from tests.ops_support import config_of, samples, series, value
+from tests.ops_support import config_of, first_node, samples, series, value
 from tests.sae_client import SaeClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,11 +255,8 @@ async def test_a_running_node_shows_its_links_pools_devices_and_certificates(net
 async def test_time_to_empty_falls_when_saes_draw_faster_than_the_link_delivers(network):
     tb = await network()
     m = tb.manifest()
-    name, node = next(iter(m["nodes"].items()))
-    cfg = config.load(config_of(node))
-    link = cfg.links[0]
-    master = next(s for s, e in m["saes"].items() if e["node"] == name)
-    slave = next(s for s, e in m["saes"].items() if e["node"] == link.peer)
+    seen = first_node(m)
+    node, link, master, slave = seen.node, seen.link, seen.master, seen.slave
 
     async def pool_full():
         ready = value(samples(node["metrics"]), "qkdnode_pool_ready_bits", link=link.id)

@@ -19,7 +19,7 @@ from qkdnode import config
 from qkdnode.reload import compare
 from tests.appnet import Client
 from tests.conftest import ready_keys, wait_for
-from tests.ops_support import config_of, samples, value
+from tests.ops_support import config_of, first_node, samples, value
 from tests.sae_client import SaeClient, bits
 
 # ---------------------------------------------------------------- what counts as structural
@@ -160,18 +160,11 @@ async def settled_pool(node: dict, link: str) -> float:
     return last
 
 
-def parties(m: dict, name: str, peer: str) -> tuple[str, str]:
-    return (next(s for s, e in m["saes"].items() if e["node"] == name),
-            next(s for s, e in m["saes"].items() if e["node"] == peer))
-
-
 async def test_a_renewed_certificate_is_served_after_sighup_and_no_key_is_lost(network):
     tb = await network()
     m = tb.manifest()
-    name, node = next(iter(m["nodes"].items()))
-    cfg = config.load(config_of(node))
-    link = cfg.links[0]
-    master, slave = parties(m, name, link.peer)
+    seen = first_node(m)
+    node, cfg, link, master, slave = seen.node, seen.cfg, seen.link, seen.master, seen.slave
     sae = m["saes"][master]
     pki = ThrowawayPKI.open(Path(m["ca"]).parent)
     before = served_certificate(node["etsi014"], m["ca"], sae["cert"], sae["key"])
@@ -215,12 +208,10 @@ async def test_a_renewed_certificate_is_served_after_sighup_and_no_key_is_lost(n
 async def test_new_key_limits_and_a_new_sae_take_effect_on_sighup(network):
     tb = await network()
     m = tb.manifest()
-    name, node = next(iter(m["nodes"].items()))
-    path = config_of(node)
-    cfg = config.load(path)
-    link = cfg.links[0]
+    seen = first_node(m)
+    name, node, path, cfg, link, master, slave = (seen.name, seen.node, seen.path, seen.cfg, seen.link, seen.master,
+                                                  seen.slave)
     peer = m["nodes"][link.peer]
-    master, slave = parties(m, name, link.peer)
     pki = ThrowawayPKI.open(Path(m["ca"]).parent)
 
     async with SaeClient(m, master) as a:
@@ -268,11 +259,8 @@ async def test_new_key_limits_and_a_new_sae_take_effect_on_sighup(network):
 async def test_a_structural_change_is_refused_whole_named_in_the_log_and_the_node_serves_on(network):
     tb = await network()
     m = tb.manifest()
-    name, node = next(iter(m["nodes"].items()))
-    path = config_of(node)
-    cfg = config.load(path)
-    link = cfg.links[0]
-    master, slave = parties(m, name, link.peer)
+    seen = first_node(m)
+    node, path, cfg, master, slave = seen.node, seen.path, seen.cfg, seen.master, seen.slave
     original = path.read_text()
     moved = original.replace(f'listen = "{cfg.api}"', f'listen = "{cfg.api.host}:{cfg.api.port + 1}"')
     moved = moved.replace(f"max_key_per_request = {cfg.keys.max_key_per_request}", "max_key_per_request = 3")

@@ -13,7 +13,7 @@ from cryptography import x509
 
 from qkdnode import config
 from tests.conftest import wait_for
-from tests.ops_support import config_of
+from tests.ops_support import config_of, first_node
 from tests.sae_client import SaeClient
 
 QKDNODE = Path(sys.executable).parent / "qkdnode"
@@ -29,12 +29,8 @@ async def status(*args: str) -> tuple[int, str, str]:
 async def test_status_shows_links_pools_devices_peers_saes_and_certificates_of_a_running_node(network):
     tb = await network()
     m = tb.manifest()
-    name, node = next(iter(m["nodes"].items()))
-    path = config_of(node)
-    cfg = config.load(path)
-    link = cfg.links[0]
-    master = next(s for s, e in m["saes"].items() if e["node"] == name)
-    slave = next(s for s, e in m["saes"].items() if e["node"] == link.peer)
+    seen = first_node(m)
+    name, path, cfg, link, master, slave = seen.name, seen.path, seen.cfg, seen.link, seen.master, seen.slave
 
     async def link_reported():
         code, out, err = await status("--config", str(path), "--json")
