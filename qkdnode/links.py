@@ -73,7 +73,7 @@ class LinkPool:
         self.vault, self.source, self.peer, self.metrics = vault, source, peer, metrics
         self._tasks: list[asyncio.Task] = []
         self._offer_lock = asyncio.Lock()
-        self._confirmed: list[str] = []  # outbox entries the peer acknowledged, removed lazily
+        self._confirmed: list[str] = []  # outbox entries the peer acknowledged, removed with the next batch
         self._offer_slots = asyncio.Semaphore(OFFERS_IN_FLIGHT)
         self._offering: set[str] = set()          # block IDs of offers under way
         self._background: set[asyncio.Task] = set()
@@ -492,7 +492,15 @@ class LinkPool:
             for master, slaves, number, size_bits, _ in batch:
                 message = {"master": master, "slaves": slaves, "size": size_bits}
                 calls.append(([new_key_id() for _ in range(number)], size_bits // 8, master, slaves, False, message))
-            carved = await self.vault.run(self.vault.carve_batch, self.cfg.id, calls)
+            # The outbox entries of the batches the peer has taken go in this batch's transaction:
+            # a few dozen rows each time, not thousands at once from the outbox loop (a writer
+            # stall of ~20 ms every second under load: docs/performance.md).
+            confirmed, self._confirmed = self._confirmed, []
+            try:
+                carved = await self.vault.run(self.vault.carve_batch, self.cfg.id, calls, confirmed)
+            except BaseException:
+                self._confirmed[:0] = confirmed
+                raise
             pushed = []  # (request, its hand-outs, its push message)
             for (master, slaves, number, size_bits, fut), (handouts, exc) in zip(batch, carved):
                 if exc is not None:

@@ -871,10 +871,15 @@ class Vault:
         self._write_rows(rows)
         return out
 
-    def carve_batch(self, link: str, calls: list[tuple]) -> list[tuple[list[HandOut] | None, Exception | None]]:
+    def carve_batch(self, link: str, calls: list[tuple],
+                    confirmed: list[str] | tuple = ()) -> list[tuple[list[HandOut] | None, Exception | None]]:
         """Several hand-outs of one link at once (the link pool batches concurrent requests):
         `calls` are the arguments of `carve` after the link; each gets its hand-outs or its
-        exception (PoolExhausted), as if each had been a `carve` of its own, one after the other."""
+        exception (PoolExhausted), as if each had been a `carve` of its own, one after the other.
+        `confirmed`: outbox entries of earlier hand-outs the peer has taken, removed in the same
+        transaction (`outbox_done`), a batch's worth at a time."""
+        if confirmed:
+            self.outbox_done(confirmed)
         return self._carve_many(link, [(*c, None)[:6] for c in calls])
 
     def apply_carve_batch(self, link: str, calls: list[tuple]) -> list[tuple[int | None, Exception | None]]:
@@ -1026,7 +1031,7 @@ class Vault:
                                   (link,)).fetchall()
         return [(k, kind, json.loads(m), created) for k, kind, m, created in rows]
 
-    def outbox_done(self, key_ids: list[str]) -> None:
+    def outbox_done(self, key_ids: list[str] | tuple) -> None:
         self._conn.executemany("DELETE FROM outbox WHERE key_id=?", [(k,) for k in key_ids])
 
     def outbox_to_discard(self, key_ids: list[str]) -> None:

@@ -95,3 +95,26 @@ async def test_a_batch_cancelled_before_it_ran_does_not_stop_later_ones(pool):
     t.cancel()
     pool._waiting.clear()                                                # (a stopping node drops its requests)
     assert len(await pool.hand_out("sae-a", ["sae-b"], 1, 256)) == 1
+
+
+async def test_the_outbox_entries_of_pushed_batches_go_with_the_next_batch_and_survive_a_failed_one(pool):
+    """Under load the outbox never holds more than the batches in flight: the entries the peer
+    took are deleted in the next batch's transaction, not thousands at once by the outbox loop.
+    A batch whose vault operation fails leaves them to the next one (or to the loop)."""
+    await fill(pool.vault, 8)
+    outbox = lambda: asyncio.to_thread(lambda: [k for k, *_ in pool.vault.outbox_items(LINK)])  # noqa: E731
+    first = await pool.hand_out("sae-a", ["sae-b"], 2, 256)
+    assert sorted(await outbox()) == sorted(h.key_ID for h in first)   # taken by the peer, still recorded
+    real = pool.vault.carve_batch
+
+    def broken(*args):
+        raise OSError("disk gone")
+    pool.vault.carve_batch = broken
+    with pytest.raises(OSError):
+        await pool.hand_out("sae-a", ["sae-b"], 1, 256)
+    assert sorted(await outbox()) == sorted(h.key_ID for h in first)   # nothing lost with the failed batch
+    pool.vault.carve_batch = real
+    second = await pool.hand_out("sae-a", ["sae-b"], 1, 256)
+    assert await outbox() == [second[0].key_ID]                        # the first batch's went with it
+    await pool.flush_outbox()
+    assert await outbox() == []
