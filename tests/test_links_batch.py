@@ -102,7 +102,9 @@ async def test_the_outbox_entries_of_pushed_batches_go_with_the_next_batch_and_s
     took are deleted in the next batch's transaction, not thousands at once by the outbox loop.
     A batch whose vault operation fails leaves them to the next one (or to the loop)."""
     await fill(pool.vault, 8)
-    outbox = lambda: asyncio.to_thread(lambda: [k for k, *_ in pool.vault.outbox_items(LINK)])  # noqa: E731
+
+    async def outbox() -> list[str]:
+        return [k for k, *_ in await pool.vault.run(pool.vault.outbox_items, LINK)]
     first = await pool.hand_out("sae-a", ["sae-b"], 2, 256)
     assert sorted(await outbox()) == sorted(h.key_ID for h in first)   # taken by the peer, still recorded
     real = pool.vault.carve_batch
