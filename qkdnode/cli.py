@@ -131,6 +131,8 @@ def _cmd_vault_check(args: argparse.Namespace) -> int:
     for name, entry in sorted(report["blocks"].items()):
         print(f"  link {name}: {entry['blocks']} block(s), {entry['bits']} bits")
     print(f"  keys waiting for slave SAEs: {report['keys']['waiting']} ({report['keys']['bits']} bits)")
+    for name, entry in sorted(report["stock"].items()):
+        print(f"  stock of link {name}: {entry['keys']} key(s), {entry['bits']} bits")
     print(f"  outbox: {report['outbox'] or 'empty'}")
     print(f"  audit records: {report['audit'] or 'none'}")
     for failure in report["failures"]:

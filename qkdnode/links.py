@@ -12,11 +12,16 @@ never cut the same bits twice. A request at the master node is cut, committed, p
 peer (which cuts the same ranges and keeps the bits for the slave SAEs), and only then
 answered. A request at the other node asks the master node to cut (it keeps the bits for its
 slave SAEs), cuts the same ranges itself, commits, and answers.
+
+The stock: for a (master SAE, slave SAEs, size) that asks for keys steadily, the master node
+cuts and pushes keys ahead of demand and keeps them sealed; such a request is answered from the
+stock after one commit here, without the peer round trip (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
 import secrets
@@ -38,7 +43,7 @@ from qkdnode.errors import (
 from qkdnode.interfaces import KeySource
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import BadMessage, PeerClient, field, ranges_of
-from qkdnode.vault import HandOut, Vault, new_key_id
+from qkdnode.vault import STOCK, HandOut, Vault, new_key_id
 
 log = logging.getLogger("qkdnode.links")
 
@@ -49,6 +54,19 @@ GROUP_PARTS = 128            # ...and this many device blocks
 MAX_BATCH = 256              # hand-out requests cut and pushed together at most
 MAX_BATCHES_IN_FLIGHT = 1    # a batch is cut, pushed and answered while the next requests gather (docs/performance.md)
 OUTBOX_RETRY_AFTER = 5.0  # seconds a pushed hand-out may stay unconfirmed before the retry loop sends it again
+OUTBOX_DISCARDS_PER_CALL = 512  # discards the outbox loop sends to the peer in one call
+
+# The stock (link master end; docs/vault.md): keys cut and pushed to the peer ahead of demand for
+# a (master SAE, slave SAEs, size) that asks for keys steadily, so that its requests are answered
+# after one commit here, without the peer round trip.
+STOCK_MIN_RATE = 50          # keys/s a (master, slaves, size) asks for before keys are stocked for it
+STOCK_SECONDS = 2.0          # the stock aims at this many seconds of its recent rate...
+STOCK_MIN_KEYS, STOCK_MAX_KEYS = 128, 8192   # ...within these bounds
+STOCK_PUSH_KEYS = 256        # keys cut and pushed at a time (a short vault operation beside the requests)
+STOCK_POOL_SHARE = 4         # a refill takes at most 1/4 of the ready pool
+STOCK_IDLE_AFTER = 60.0      # seconds without that demand before its stock is no longer topped up
+STOCK_MAX_AGE = 1800.0       # stock older than this is discarded at both ends (well inside any key_ttl_hours)
+STOCK_PLAN_EVERY = 1.0       # seconds between looks at the demand
 
 
 PA_SECURITY_BITS = 50  # privacy amplification fails with probability at most 2^-50 per block (docs/relay.md)
@@ -81,6 +99,13 @@ class LinkPool:
         self._in_flight = 0
         self._batch_tasks: set[asyncio.Task] = set()
         self._batch_starting: asyncio.Task | None = None  # created, not yet run (has taken no request)
+        # The stock, by (master SAE, sorted slave SAEs, size in bits): ready keys (key_ID, created),
+        # oldest first; how many to keep; keys asked since the last look; when the demand was last seen.
+        self._stock: dict[tuple, collections.deque] = {}
+        self._stock_target: dict[tuple, int] = {}
+        self._demand: dict[tuple, int] = {}
+        self._demand_seen: dict[tuple, float] = {}
+        self._stock_wake = asyncio.Event()
         self.device_ok = False
         self.ready_bits = 0        # as of the last gauge refresh
         self.ingest_bps = 0.0      # agreed key per second, smoothed (routing weighs links by it)
@@ -92,8 +117,10 @@ class LinkPool:
     async def start(self) -> None:
         await self.refresh_gauge()
         if self.cfg.is_master:
+            await self._load_stock()
             self._tasks.append(asyncio.create_task(self._fill_loop(), name=f"fill {self.cfg.id}"))
             self._tasks.append(asyncio.create_task(self._outbox_loop(), name=f"outbox {self.cfg.id}"))
+            self._tasks.append(asyncio.create_task(self._stock_loop(), name=f"stock {self.cfg.id}"))
         else:  # the device is opened now, not at the first offer: some (a CV-QKD receiver) must be started
             self._tasks.append(asyncio.create_task(self._connect_loop(), name=f"connect {self.cfg.id}"))
 
@@ -134,6 +161,7 @@ class LinkPool:
         bits = self.vault.committed_pool_bits(self.cfg.id)
         for state, n in bits.items():
             self.metrics.pool_bits.labels(self.cfg.id, state).set(n)
+        self.metrics.pool_bits.labels(self.cfg.id, STOCK).set(self.vault.committed_stock_bits(self.cfg.id))
         self.metrics.pool_ready_bits.labels(self.cfg.id).set(bits["ready"])
         self.ready_bits = bits["ready"]
         return bits["ready"] // 8
@@ -436,6 +464,8 @@ class LinkPool:
         if self.cfg.is_master:
             # Requests that arrive while earlier ones are being cut and pushed wait and go together:
             # one vault operation and one peer call for all of them (docs/performance.md).
+            combo = (master, tuple(sorted(slaves)), size_bits)
+            self._demand[combo] = self._demand.get(combo, 0) + number
             fut = asyncio.get_running_loop().create_future()
             self._waiting.append((master, slaves, number, size_bits, fut))
             self._start_batches()
@@ -487,7 +517,9 @@ class LinkPool:
         self._start_batches()  # more than one batch waiting
         if not batch:
             return
+        stocked: list[tuple] = []
         try:
+            stocked, batch = self._take_stock(batch)
             calls = []
             for master, slaves, number, size_bits, _ in batch:
                 message = {"master": master, "slaves": slaves, "size": size_bits}
@@ -496,8 +528,13 @@ class LinkPool:
             # a few dozen rows each time, not thousands at once from the outbox loop (a writer
             # stall of ~20 ms every second under load: docs/performance.md).
             confirmed, self._confirmed = self._confirmed, []
+            # Keys from the stock and keys cut now: submitted in one turn, so one commit for both.
+            work = [self.vault.run(self.vault.carve_batch, self.cfg.id, calls, confirmed)] if calls else []
+            if stocked:
+                work.append(self._issue_stock(stocked))
             try:
-                carved = await self.vault.run(self.vault.carve_batch, self.cfg.id, calls, confirmed)
+                done = await asyncio.gather(*work)
+                carved = done[0] if calls else []
             except BaseException:
                 self._confirmed[:0] = confirmed
                 raise
@@ -528,7 +565,7 @@ class LinkPool:
                 if not fut.done():
                     fut.set_result(handouts)
         except BaseException as exc:  # anything else: no request of the batch may wait for ever
-            for *_, fut in batch:
+            for *_, fut in (*batch, *(r for r, _ in stocked)):
                 if not fut.done():
                     fut.set_exception(exc if isinstance(exc, Exception) else PeerUnavailable("stopping"))
             if not isinstance(exc, Exception):
@@ -566,6 +603,142 @@ class LinkPool:
             except (PeerUnavailable, PeerRejected, PoolExhausted) as exc:
                 refused[i] = exc
         return refused
+
+    # ------------------------------------------------------------ the stock (master end)
+
+    def _take_stock(self, batch: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+        """Split a batch: requests the ready stock covers (each with the key_IDs it takes) and the
+        others, which are cut now."""
+        stocked, fresh = [], []
+        for request in batch:
+            master, slaves, number, size_bits, _ = request
+            combo = (master, tuple(sorted(slaves)), size_bits)
+            ready = self._stock.get(combo)
+            if ready is not None and len(ready) >= number:
+                stocked.append((request, [ready.popleft() for _ in range(number)]))
+                if len(ready) < self._stock_target.get(combo, 0) // 2:
+                    self._stock_wake.set()
+            else:
+                fresh.append(request)
+        return stocked, fresh
+
+    async def _issue_stock(self, stocked: list[tuple]) -> None:
+        """Hand stock keys to the requests they were taken for: durable here (the peer has them
+        already). Answers every request itself, and raises nothing."""
+        calls = [([k for k, _ in keys], master, sorted(slaves), size_bits)
+                 for (master, slaves, _, size_bits, _), keys in stocked]
+        try:
+            results = await self.vault.run(self.vault.issue_stock, self.cfg.id, calls)
+        except BaseException as exc:  # nothing was issued: the keys stay in the stock
+            for (master, slaves, _, size_bits, fut), keys in stocked:
+                self._stock.setdefault((master, tuple(sorted(slaves)), size_bits), collections.deque()).extendleft(
+                    reversed(keys))
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else PeerUnavailable("stopping"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for ((*_, fut), _), (handouts, exc) in zip(stocked, results):
+            if exc is not None:  # the vault and this list disagree: never expected; the request gets 503
+                log.error("link %s: %s", self.cfg.id, exc)
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(handouts)
+
+    async def _load_stock(self) -> None:
+        """At start: ready stock serves again; stock whose push was not confirmed is discarded at
+        both ends (the peer may or may not have stored it)."""
+        unconfirmed = []
+        for key_id, master, slaves, size_bits, state, created in await self.vault.run(self.vault.stock_rows,
+                                                                                     self.cfg.id):
+            if state == "ready":
+                self._stock.setdefault((master, tuple(slaves), size_bits), collections.deque()).append(
+                    (key_id, created))
+            else:
+                unconfirmed.append(key_id)
+        if unconfirmed:
+            await self.vault.run(self.vault.stock_discard, self.cfg.id, unconfirmed, "stock push unconfirmed at stop")
+            log.info("link %s: %d stock key(s) pushed without confirmation before the stop: discarded at both ends",
+                     self.cfg.id, len(unconfirmed))
+
+    async def _stock_loop(self) -> None:
+        last, failing = time.monotonic(), False
+        while True:
+            try:
+                await asyncio.wait_for(self._stock_wake.wait(), STOCK_PLAN_EVERY)
+            except asyncio.TimeoutError:
+                pass
+            self._stock_wake.clear()
+            try:
+                now = time.monotonic()
+                if now - last >= STOCK_PLAN_EVERY:
+                    self._plan_stock(now - last, now)
+                    last = now
+                    await self._expire_stock()
+                await self._refill_stock()
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except QkdnodeError as exc:  # once per outage, not once a second
+                (log.debug if failing else log.warning)("link %s: stock: %s", self.cfg.id, exc)
+                failing = True
+            except Exception:
+                log.exception("link %s: unexpected failure in the stock loop", self.cfg.id)
+
+    def _plan_stock(self, elapsed: float, now: float) -> None:
+        """How many keys to keep in stock for each (master, slaves, size), from what it asked for."""
+        for combo, n in self._demand.items():
+            rate = n / elapsed
+            if rate >= STOCK_MIN_RATE:
+                self._stock_target[combo] = min(STOCK_MAX_KEYS, max(STOCK_MIN_KEYS, int(rate * STOCK_SECONDS)))
+                self._demand_seen[combo] = now
+        self._demand.clear()
+        for combo in [c for c, seen in self._demand_seen.items() if now - seen > STOCK_IDLE_AFTER]:
+            del self._stock_target[combo], self._demand_seen[combo]
+
+    async def _refill_stock(self) -> None:
+        for combo, target in list(self._stock_target.items()):
+            ready = self._stock.setdefault(combo, collections.deque())
+            if len(ready) >= target // 2:
+                continue
+            while len(ready) < target and self._stock_target.get(combo) == target:
+                await self.refresh_gauge()
+                n = min(target - len(ready), STOCK_PUSH_KEYS, self.ready_bits // STOCK_POOL_SHARE // combo[2])
+                if n < 1 or not await self._stock_up(combo, n):
+                    break
+
+    async def _stock_up(self, combo: tuple, n: int) -> bool:
+        """Cut n keys into the stock and push them to the peer; ready once it has stored them."""
+        master, slaves, size_bits = combo
+        key_ids = [new_key_id() for _ in range(n)]
+        ((handouts, exc),) = await self.vault.run(self.vault.carve_batch, self.cfg.id,
+                                                  [(key_ids, size_bits // 8, master, list(slaves), STOCK, None)])
+        if exc is not None:  # PoolExhausted: the pool has just been drawn down; try again later
+            return False
+        push = {"master": master, "slaves": list(slaves), "size": size_bits,
+                "keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
+        try:
+            await self.peer.call(self.cfg.id, "keys", push)
+        except QkdnodeError as exc:  # (a stop leaves them `pushing`: the next start discards them)
+            await self.vault.run(self.vault.stock_discard, self.cfg.id, key_ids, "stock push failed")
+            log.warning("link %s: stock push of %d key(s) failed: %s", self.cfg.id, n, exc)
+            return False
+        await self.vault.run(self.vault.stock_ready, self.cfg.id, key_ids)
+        now = time.time()
+        self._stock.setdefault(combo, collections.deque()).extend((k, now) for k in key_ids)
+        return True
+
+    async def _expire_stock(self) -> None:
+        cutoff, old = time.time() - STOCK_MAX_AGE, []
+        for ready in self._stock.values():
+            while ready and ready[0][1] < cutoff:
+                old.append(ready.popleft()[0])
+        if old:
+            await self.vault.run(self.vault.stock_discard, self.cfg.id, old,
+                                 f"stock older than {STOCK_MAX_AGE:.0f} s")
 
     async def _discard_at_peer(self, items: list[dict], reason: str) -> None:
         try:
@@ -635,9 +808,10 @@ class LinkPool:
     async def on_discard(self, body: dict) -> dict:
         reason = str(body.get("reason", "hand-out failed"))[:200]
         items = field(body, "keys", list)
-        for item in items:
-            key_id = field(item, "key_ID", str) if isinstance(item, dict) else ""
-            await self.vault.run(self.vault.discard_key, self.cfg.id, key_id, ranges_of(item), reason)
+        discards = [(field(item, "key_ID", str) if isinstance(item, dict) else "", ranges_of(item)) for item in items]
+        # Submitted together: one group commit for them all (a discarded stock may be thousands of keys).
+        await asyncio.gather(*(self.vault.run(self.vault.discard_key, self.cfg.id, key_id, ranges, reason)
+                               for key_id, ranges in discards))
         await self.refresh_gauge()
         return {"discarded": len(items)}
 
@@ -679,12 +853,17 @@ class LinkPool:
             await self.vault.run(self.vault.outbox_done, done)
         items = await self.vault.run(self.vault.outbox_items, self.cfg.id)
         now = time.time()
+        discards = []
         for key_id, kind, msg, created in items:
             if kind == "keys" and (now - created < min_age or key_id in self._confirmed):
                 continue  # probably still in flight on the request's own path
             item = {"key_ID": key_id, "ranges": msg["ranges"]}
             if kind == "keys":
                 await self.peer.call(self.cfg.id, "keys", {**msg, "keys": [item]})
+                await self.vault.run(self.vault.outbox_done, [key_id])
             else:
-                await self.peer.call(self.cfg.id, "discard", {"keys": [item], "reason": "hand-out failed"})
-            await self.vault.run(self.vault.outbox_done, [key_id])
+                discards.append(item)
+        for i in range(0, len(discards), OUTBOX_DISCARDS_PER_CALL):
+            chunk = discards[i:i + OUTBOX_DISCARDS_PER_CALL]
+            await self.peer.call(self.cfg.id, "discard", {"keys": chunk, "reason": "hand-out failed"})
+            await self.vault.run(self.vault.outbox_done, [item["key_ID"] for item in chunk])

@@ -57,6 +57,7 @@ PURGE_USED_AT = 8192  # rows of used-up blocks deleted together
 
 _GEN_PREFIX = [g.to_bytes(4, "big") for g in range(256)]  # a sealed value's first 4 bytes, by generation
 Range = tuple[str, int, int]  # (block_ID, start byte, end byte) of one piece of a key
+STOCK = "stock"  # `store` of a cut at the link's master node that goes into the stock (not to an SAE yet)
 
 
 # ---------------------------------------------------------------- master key
@@ -165,10 +166,11 @@ def _zero(buf: bytearray) -> None:
 class _Rows:
     """Rows of several `_record` calls, written together (one executemany per table)."""
 
-    __slots__ = ("keys", "audit", "outbox")
+    __slots__ = ("keys", "audit", "outbox", "stock")
 
     def __init__(self) -> None:
         self.keys: list[tuple] = []
+        self.stock: list[tuple] = []
         self.audit: list[tuple] = []
         self.outbox: list[tuple] = []
 
@@ -197,7 +199,8 @@ class _Redo(Exception):
 _RERUNNABLE = frozenset({
     "add_blocks", "pending_blocks", "pending_parts", "ready_block_ids", "settle_blocks", "free_bytes", "held_bytes", "carve",
     "carve_batch", "apply_carve", "apply_carve_batch", "store_relayed", "record_issued", "discard_key", "deliver", "outbox_items", "outbox_done",
-    "outbox_to_discard", "pool_bits", "counts", "prune_audit",
+    "outbox_to_discard", "pool_bits", "counts", "prune_audit", "stock_ready", "issue_stock", "stock_discard",
+    "stock_rows",
 })
 
 
@@ -277,8 +280,13 @@ class Vault:
             if exclusive and "parts" not in {c for _, c, *_ in conn.execute("PRAGMA table_info(blocks)")}:
                 # Added after the first release: the device blocks a joined block is made of (IDs only).
                 conn.execute("ALTER TABLE blocks ADD COLUMN parts TEXT")
+            if exclusive:  # added later still: the stock of keys agreed ahead of demand
+                self._create_stock(conn)
             self._totals = {(link, state): free for link, state, free in
                             conn.execute("SELECT link, state, SUM(free) FROM blocks GROUP BY link, state")}
+            if "stock" in {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}:
+                self._totals.update({(link, STOCK): n // 8 for link, n in
+                                     conn.execute("SELECT link, SUM(size_bits) FROM stock GROUP BY link")})
             used = conn.execute("SELECT link, COUNT(*) FROM blocks WHERE state='used' GROUP BY link").fetchall()
             self._used = sum(n for _, n in used)
             self._used_links = {link for link, _ in used}
@@ -336,6 +344,7 @@ class Vault:
         db["audit"].create_index(["ts"])
         db["outbox"].create({"key_id": str, "link": str, "kind": str, "message": str, "created": float},
                             pk="key_id")
+        self._create_stock(conn)
         self.vault_id = secrets.token_hex(16)
         db["meta"].insert_all([
             {"name": "schema_version", "value": str(SCHEMA_VERSION).encode()},
@@ -345,6 +354,12 @@ class Vault:
         ])
         conn.execute("COMMIT")
         log.warning("created a new vault at %s", self.path)
+
+    @staticmethod
+    def _create_stock(conn: sqlite3.Connection) -> None:
+        """Keys a link's master node agreed with the peer ahead of demand (docs/vault.md, Stock)."""
+        conn.execute("CREATE TABLE IF NOT EXISTS stock (key_id TEXT PRIMARY KEY, link TEXT, master_sae TEXT, "
+                     "slaves TEXT, size_bits INTEGER, ranges TEXT, state TEXT, sealed BLOB, created FLOAT)")
 
     def _wrap(self, master: AESGCM, gen: int, data_key: bytes) -> bytes:
         nonce = secrets.token_bytes(_NONCE)
@@ -424,6 +439,10 @@ class Vault:
     def _key_aad(key_id: str, link: str, master: str, slaves: str, pending: str, size_bits: int) -> bytes:
         return (f'["keys", {_jstr(key_id)}, {_jstr(link)}, {_jstr(master)}, {_jstr(slaves)}, {_jstr(pending)}, '
                 f'{int(size_bits)}]').encode()
+
+    @staticmethod
+    def _stock_aad(key_id: str, link: str, master: str, slaves: str, size_bits: int) -> bytes:
+        return f'["stock", {_jstr(key_id)}, {_jstr(link)}, {_jstr(master)}, {_jstr(slaves)}, {int(size_bits)}]'.encode()
 
     @staticmethod
     def _key_aad_tail(link: str, master: str, slaves: str, pending: str, size_bits: int) -> str:
@@ -669,8 +688,11 @@ class Vault:
         """A link removed for good (a switched link deleted): its blocks, pending or ready, are
         deleted (secure_delete zeroes them). Keys already cut from them are not touched."""
         cur = self._conn.execute("DELETE FROM blocks WHERE link=?", (link,))
-        if cur.rowcount:
-            self._audit("link_removed", None, None, link, None, f"{cur.rowcount} unused block(s) deleted")
+        stocked = self._conn.execute("DELETE FROM stock WHERE link=?", (link,)).rowcount
+        if cur.rowcount or stocked:
+            self._audit("link_removed", None, None, link, None,
+                        f"{cur.rowcount} unused block(s) and {stocked} stock key(s) deleted")
+        self._count(link, STOCK, -self._bytes(link, STOCK))
         return cur.rowcount
 
     def free_bytes(self, link: str) -> int:
@@ -745,9 +767,10 @@ class Vault:
                 slaves: list[str], store: bool, outbox_message: dict | None,
                 taken: dict[tuple[str, int, int], bytes] | None = None,
                 rows: _Rows | None = None) -> list[HandOut]:
-        """Record cut keys: sealed key rows (`store`), audit rows, outbox rows. With `rows`, the rows
-        are added to it and the caller writes them (`_write_rows`: one statement per table for a
-        whole group of calls); otherwise they are written here."""
+        """Record cut keys: sealed key rows (`store` True), sealed stock rows (`store` STOCK, in
+        state `pushing`; their HandOuts carry no bits), audit rows, outbox rows. With `rows`, the
+        rows are added to it and the caller writes them (`_write_rows`: one statement per table for
+        a whole group of calls); otherwise they are written here."""
         if taken is None:
             pieces: dict[str, list[tuple[int, int]]] = {}
             for key_ranges in ranges:
@@ -760,15 +783,21 @@ class Vault:
         sink = rows if rows is not None else _Rows()
         key_rows, audit_rows, outbox_rows = sink.keys, sink.audit, sink.outbox
         result = []
-        event = "key_stored" if store else "key_issued"
-        if store:  # the AAD of every key of this call but its ID, as `_key_aad` writes it
+        stock = store == STOCK
+        event = "key_stocked" if stock else "key_stored" if store else "key_issued"
+        seal = self._seal
+        if store and not stock:  # the AAD of every key of this call but its ID, as `_key_aad` writes it
             aad_tail = self._key_aad_tail(link, master, slaves_json, slaves_json, size_bits)
-            seal = self._seal
         for key_id, key_ranges in zip(key_ids, ranges):
             bits = taken[key_ranges[0]] if len(key_ranges) == 1 else b"".join([taken[r] for r in key_ranges])
             if len(bits) != nbytes:
                 raise CarveConflict(f"key {key_id}: pieces add up to {len(bits)} bytes, expected {nbytes}")
-            if store:  # this node serves the slaves: keep the bits, sealed, until each has fetched them
+            if stock:  # kept here, sealed, for the master SAE's later requests (`issue_stock`)
+                sealed = seal(self._stock_aad(key_id, link, master, slaves_json, size_bits), bits)
+                sink.stock.append((key_id, link, master, slaves_json, size_bits, json.dumps(key_ranges), "pushing",
+                                   sealed, now))
+                bits = b""
+            elif store:  # this node serves the slaves: keep the bits, sealed, until each has fetched them
                 aad = f'["keys", {_jstr(key_id)}, {aad_tail}'.encode()
                 key_rows.append((key_id, link, master, slaves_json, slaves_json, size_bits, seal(aad, bits), now))
             # else this node serves the master SAE, which gets the bits in the answer: audit only
@@ -777,6 +806,8 @@ class Vault:
                 msg = dict(outbox_message, key_ID=key_id, ranges=key_ranges)
                 outbox_rows.append((key_id, link, "keys", json.dumps(msg), now))
             result.append(HandOut(key_id, key_ranges, bits))
+        if stock:
+            self._count(link, STOCK, nbytes * len(result))
         if rows is None:
             self._write_rows(sink)
         return result
@@ -791,6 +822,9 @@ class Vault:
                           rows.audit)
         if rows.outbox:
             c.executemany("INSERT INTO outbox (key_id, link, kind, message, created) VALUES (?,?,?,?,?)", rows.outbox)
+        if rows.stock:
+            c.executemany("INSERT INTO stock (key_id, link, master_sae, slaves, size_bits, ranges, state, sealed, "
+                          "created) VALUES (?,?,?,?,?,?,?,?,?)", rows.stock)
 
     def carve(self, link: str, key_ids: list[str], nbytes: int, master: str, slaves: list[str], store: bool,
               outbox: dict | None = None) -> list[HandOut]:
@@ -932,6 +966,98 @@ class Vault:
                for keep, nbytes, master, slaves, store in todo]
         self._write_rows(rows)
         return out
+
+    # ------------------------------------------------------------ the stock (link master end)
+    # Keys cut ahead of demand for one (master SAE, slave SAEs, size) and pushed to the peer like
+    # any hand-out: `carve_batch` with `store` STOCK writes them `pushing`. They need no outbox
+    # rows: a stock row that is still `pushing` after the push (failed, or a crash) is discarded
+    # with `stock_discard`, whose outbox entry asks the peer to delete what it may have stored.
+
+    def stock_ready(self, link: str, key_ids: list[str]) -> int:
+        """The peer stored these stock keys: they may now be issued."""
+        n = 0
+        for i in range(0, len(key_ids), 500):
+            chunk = key_ids[i:i + 500]
+            n += self._conn.execute(f"UPDATE stock SET state='ready' WHERE key_id IN ({','.join('?' * len(chunk))}) "
+                                    "AND link=? AND state='pushing'", (*chunk, link)).rowcount
+        return n
+
+    def issue_stock(self, link: str, calls: list[tuple[list[str], str, list[str], int]]
+                    ) -> list[tuple[list[HandOut] | None, Exception | None]]:
+        """Hand ready stock keys to their master SAE: each call is (key_IDs, master, slaves, size
+        in bits) and gets its HandOuts, or CarveConflict if any of its keys is not a ready stock
+        key of that master, slaves and size (that call then takes nothing). The rows are deleted
+        (secure_delete) and the audit says `key_issued`, as for a key cut on demand."""
+        out: list[tuple[list[HandOut] | None, Exception | None]] = []
+        gone, audit, now, total = [], [], time.time(), 0
+        ids = [k for key_ids, *_ in calls for k in key_ids]
+        rows: dict[str, tuple] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows.update((r[0], r) for r in self._conn.execute(
+                "SELECT key_id, link, master_sae, slaves, size_bits, state, rowid, ranges, sealed FROM stock "
+                f"WHERE key_id IN ({','.join('?' * len(chunk))})", chunk))
+        found: dict[str, tuple | None] = dict(rows)
+        for key_ids, master, slaves, size_bits in calls:
+            slaves_json = _slaves_json(slaves)
+            handouts, refused = [], None
+            for key_id in key_ids:
+                row = found.get(key_id)
+                if row is None or row[1:6] != (link, master, slaves_json, size_bits, "ready"):
+                    refused = CarveConflict(f"link {link}: stock key {key_id} is not ready for {master} -> "
+                                            f"{slaves} ({size_bits} bits)")
+                    break
+                found[key_id] = None  # taken: named again (in this call or a later one), it is refused
+                rowid, ranges, sealed = row[6:]
+                try:
+                    bits = self._open(self._stock_aad(key_id, link, master, slaves_json, size_bits), sealed,
+                                      "stock key", key_id)
+                except SealBroken as exc:  # altered or moved: never issued (`vault check` lists it)
+                    refused = exc
+                    break
+                handouts.append((HandOut(key_id, [tuple(r) for r in json.loads(ranges)], bytes(bits)), rowid))
+                _zero(bits)
+            if refused is not None:
+                for h, _ in handouts:  # this call takes nothing: its keys stay for others
+                    found[h.key_ID] = rows[h.key_ID]
+                out.append((None, refused))
+                continue
+            for h, rowid in handouts:
+                gone.append((rowid,))
+                audit.append((now, "key_issued", h.key_ID, master, link, size_bits, slaves_json))
+            total += len(handouts) * size_bits // 8
+            out.append(([h for h, _ in handouts], None))
+        if gone:
+            self._conn.executemany("DELETE FROM stock WHERE rowid=?", gone)
+            self._conn.executemany("INSERT INTO audit (ts, event, key_id, sae, link, size_bits, detail) "
+                                   "VALUES (?,?,?,?,?,?,?)", audit)
+            self._count(link, STOCK, -total)
+        return out
+
+    def stock_discard(self, link: str, key_ids: list[str], reason: str) -> int:
+        """Stock keys that will not be issued (too old, pushed without an answer, a restart found
+        them unconfirmed): deleted here, and an outbox entry asks the peer to delete its copy."""
+        now, n = time.time(), 0
+        for key_id in key_ids:
+            row = self._conn.execute("SELECT rowid, size_bits, ranges FROM stock WHERE key_id=? AND link=?",
+                                     (key_id, link)).fetchone()
+            if row is None:
+                continue
+            rowid, size_bits, ranges = row
+            self._conn.execute("DELETE FROM stock WHERE rowid=?", (rowid,))
+            if not self._conn.execute("UPDATE outbox SET kind='discard' WHERE key_id=?", (key_id,)).rowcount:
+                self._conn.execute("INSERT INTO outbox (key_id, link, kind, message, created) VALUES (?,?,?,?,?)",
+                                   (key_id, link, "discard", json.dumps({"ranges": json.loads(ranges)}), now))
+            self._audit("key_discarded", key_id, None, link, size_bits, reason)
+            self._count(link, STOCK, -(size_bits // 8))
+            n += 1
+        return n
+
+    def stock_rows(self, link: str) -> list[tuple[str, str, list[str], int, str, float]]:
+        """The stock of a link: (key_ID, master SAE, slave SAEs, size in bits, state, created)."""
+        return [(k, m, json.loads(sl), size, state, created) for k, m, sl, size, state, created in self._conn.execute(
+            "SELECT key_id, master_sae, slaves, size_bits, state, created FROM stock WHERE link=? ORDER BY rowid",
+            (link,))]
 
     def apply_carve(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
                     slaves: list[str], store: bool) -> list[HandOut]:
@@ -1075,7 +1201,8 @@ class Vault:
         prefix = self._active.to_bytes(4, "big")
         done = 0
         for table, key_cols, aad_of in (("blocks", ("link", "block_id"), self._row_aad_block),
-                                        ("keys", ("key_id",), self._row_aad_key)):
+                                        ("keys", ("key_id",), self._row_aad_key),
+                                        ("stock", ("key_id",), self._row_aad_stock)):
             rows = self._conn.execute(f"SELECT * FROM {table} WHERE substr(sealed, 1, 4) != ? AND sealed != x'' LIMIT ?",
                                       (prefix, limit - done)).fetchall()
             cols = [d[0] for d in self._conn.execute(f"SELECT * FROM {table} LIMIT 0").description]
@@ -1100,9 +1227,12 @@ class Vault:
     def _row_aad_key(self, r: dict) -> bytes:
         return self._key_aad(r["key_id"], r["link"], r["master_sae"], r["slaves"], r["pending"], r["size_bits"])
 
+    def _row_aad_stock(self, r: dict) -> bytes:
+        return self._stock_aad(r["key_id"], r["link"], r["master_sae"], r["slaves"], r["size_bits"])
+
     def check(self) -> dict[str, Any]:
         """Open every sealed row; count rows per state and list every row that fails."""
-        failures, blocks, keys = [], {}, {"waiting": 0, "bits": 0}
+        failures, blocks, keys, stock = [], {}, {"waiting": 0, "bits": 0}, {}
         for r in self._rows("blocks"):
             if r["state"] == "used":  # used up, bits gone; the row awaits deletion
                 continue
@@ -1120,10 +1250,22 @@ class Vault:
                 keys["bits"] += r["size_bits"]
             except SealBroken:
                 failures.append(f"keys: key_ID {r['key_id']}")
+        for r in self._rows("stock") if self._has_stock() else ():
+            try:
+                _zero(self._open(self._row_aad_stock(r), r["sealed"], "stock key"))
+                entry = stock.setdefault(f"{r['link']}/{r['state']}", {"keys": 0, "bits": 0})
+                entry["keys"] += 1
+                entry["bits"] += r["size_bits"]
+            except SealBroken:
+                failures.append(f"stock: key_ID {r['key_id']}")
         audit = dict(self._conn.execute("SELECT event, COUNT(*) FROM audit GROUP BY event").fetchall())
         outbox = dict(self._conn.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall())
-        return {"blocks": blocks, "keys": keys, "outbox": outbox, "audit": audit,
+        return {"blocks": blocks, "keys": keys, "stock": stock, "outbox": outbox, "audit": audit,
                 "data_keys": sorted(self._keys), "failures": failures}
+
+    def _has_stock(self) -> bool:
+        """A vault last opened by an older qkdnode has no stock table until the daemon opens it."""
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='stock'").fetchone() is not None
 
     def _rows(self, table: str):
         cur = self._conn.execute(f"SELECT * FROM {table}")
@@ -1147,7 +1289,8 @@ class Vault:
         waiting or still in the outbox: they prove a repeated message was seen."""
         cur = self._conn.execute(
             "DELETE FROM audit WHERE ts < ? AND (key_id IS NULL OR (key_id NOT IN (SELECT key_id FROM keys) "
-            "AND key_id NOT IN (SELECT key_id FROM outbox)))", (older_than,))
+            "AND key_id NOT IN (SELECT key_id FROM outbox) AND key_id NOT IN (SELECT key_id FROM stock)))",
+            (older_than,))
         return cur.rowcount
 
     def export_to(self, dest: Path, target_master_key: bytes) -> None:
@@ -1187,6 +1330,10 @@ class Vault:
         """As `pool_bits`, as of the last commit; cheap, and safe to call from the event loop."""
         return {state: self._totals.get((link, state), 0) * 8 for state in ("pending", "ready")}
 
+    def committed_stock_bits(self, link: str) -> int:
+        """Bits of the link's stock (pushing and ready), as of the last commit."""
+        return self._totals.get((link, STOCK), 0) * 8
+
     def counts(self) -> dict[str, Any]:
         c = self._conn
         return {
@@ -1195,6 +1342,7 @@ class Vault:
             "ready_bits": {link: free * 8 for link, free in
                            c.execute("SELECT link, SUM(free) FROM blocks WHERE state='ready' GROUP BY link")},
             "keys_waiting": c.execute("SELECT COUNT(*) FROM keys").fetchone()[0],
+            "stock": c.execute("SELECT COUNT(*) FROM stock").fetchone()[0] if self._has_stock() else 0,
             "outbox": c.execute("SELECT COUNT(*) FROM outbox").fetchone()[0],
         }
 

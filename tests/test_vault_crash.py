@@ -95,6 +95,52 @@ def test_sigkill_during_concurrent_hand_outs_loses_nothing_and_repeats_nothing(t
     assert len(answered) > ROUNDS                     # the victims did real work between kills
 
 
+def test_sigkill_while_keys_are_stocked_and_issued_from_the_stock_loses_nothing_and_repeats_nothing(tmp_path):
+    rng = random.Random(int(os.environ.get("QKDNODE_CRASH_SEED", "4242")) + 1)
+    rounds = max(ROUNDS // 2, 10)
+    db, key = tmp_path / "vault.db", os.urandom(32)
+    total = fresh_vault(db, key, blocks=rounds * 40, block_bytes=48)
+    answered: dict[str, tuple] = {}
+    used: set[tuple[str, int]] = set()
+    for round_no in range(rounds):
+        for line in kill_soon(start(db, key, "stock"), rng):
+            if line == "DONE":
+                continue
+            key_id, ranges, digest = json.loads(line)
+            assert key_id not in answered, f"round {round_no}: key_ID {key_id} answered twice"
+            answered[key_id] = (ranges, digest)
+            for bid, s, e in ranges:
+                for i in range(s, e):
+                    assert (bid, i) not in used, f"round {round_no}: byte {i} of block {bid} handed out twice"
+                    used.add((bid, i))
+        v = Vault(db, key).open()
+        try:
+            import asyncio
+
+            async def look():
+                report = await v.run(v.check)
+                free = await v.run(v.free_bytes, LINK)
+                audit = await v.run(lambda: v._conn.execute("SELECT key_id, event, size_bits FROM audit "
+                                                             "WHERE key_id IS NOT NULL").fetchall())
+                stocked = await v.run(lambda: {k for (k,) in v._conn.execute("SELECT key_id FROM stock")})
+                return report, free, audit, stocked
+            report, free, audit, stocked = asyncio.run(look())
+        finally:
+            v.close()
+        assert not report["failures"], report["failures"]
+        issued = {k for k, event, _ in audit if event == "key_issued"}
+        discarded = {k for k, event, _ in audit if event == "key_discarded"}
+        # Every answer is durable as issued, and gone from the stock; none is also discarded.
+        assert set(answered) <= issued and not (issued & stocked) and not (issued & discarded)
+        assert {k for k, event, _ in audit if event == "key_stocked"} == issued | stocked | discarded
+        # Not one byte of key went missing: ready, in stock, issued or discarded (with its reason).
+        assert free + KEY_BYTES * (len(issued) + len(stocked) + len(discarded)) == total, \
+            f"round {round_no}: key lost or duplicated"
+    digests = [d for _, d in answered.values()]
+    assert len(set(digests)) == len(digests)
+    assert len(answered) > rounds
+
+
 def test_data_key_rotation_killed_midway_resumes_and_every_row_stays_readable(tmp_path):
     rng = random.Random(7)
     db, key = tmp_path / "vault.db", os.urandom(32)

@@ -1,6 +1,7 @@
 """A process that works a vault hard until it is killed: the crash campaign's victim.
 
     python -m tests.vault_worker DB MASTER_KEY_HEX handout   # concurrent hand-outs, one line per answer
+    python -m tests.vault_worker DB MASTER_KEY_HEX stock     # keys stocked ahead, then issued from the stock
     python -m tests.vault_worker DB MASTER_KEY_HEX rotate    # data key rotation in small batches
 
 A hand-out's line is printed only after its commit returned: the line is the answer an SAE
@@ -15,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from qkdnode.errors import PoolExhausted
-from qkdnode.vault import Vault
+from qkdnode.vault import STOCK, Vault
 
 LINK = "A-B"
 KEY_BYTES = 32
@@ -39,6 +40,36 @@ async def handout(vault: Vault) -> None:
     await asyncio.gather(*(requester() for _ in range(REQUESTERS)))
 
 
+async def stock(vault: Vault) -> None:
+    """What a link's master node does with its stock: at start, stock left `pushing` is discarded
+    and `ready` stock serves again; then keys are stocked four at a time (the push to the peer
+    left out) and issued one by one."""
+    rows = await vault.run(vault.stock_rows, LINK)
+    pushing = [k for k, *_, state, _ in rows if state == "pushing"]
+    if pushing:
+        await vault.run(vault.stock_discard, LINK, pushing, "stock push unconfirmed at stop")
+    ready = [k for k, *_, state, _ in rows if state == "ready"]
+
+    async def requester(mine: list[str]) -> None:
+        while True:
+            if not mine:
+                ids = [str(uuid.uuid4()) for _ in range(4)]
+                ((_, exc),) = await vault.run(vault.carve_batch, LINK, [(ids, KEY_BYTES, "sae-a", ["sae-b"], STOCK,
+                                                                         None)])
+                if exc is not None:
+                    return
+                await vault.run(vault.stock_ready, LINK, ids)
+                mine = ids
+            ((handouts, exc),) = await vault.run(vault.issue_stock, LINK, [([mine.pop()], "sae-a", ["sae-b"],
+                                                                            KEY_BYTES * 8)])
+            if exc is not None:
+                raise exc
+            (h,) = handouts
+            say(json.dumps([h.key_ID, h.ranges, hashlib.sha256(h.bits).hexdigest()[:16]]))
+
+    await asyncio.gather(*(requester(ready[i::REQUESTERS]) for i in range(REQUESTERS)))
+
+
 async def rotate(vault: Vault) -> None:
     gen, resumed = await vault.run(vault.begin_data_key_rotation)
     say(f"rotating to {gen} resumed={resumed}")
@@ -50,7 +81,7 @@ def main() -> None:
     db, key_hex, mode = sys.argv[1:4]
     vault = Vault(Path(db), bytes.fromhex(key_hex)).open()
     say("READY")
-    asyncio.run(handout(vault) if mode == "handout" else rotate(vault))
+    asyncio.run({"handout": handout, "stock": stock, "rotate": rotate}[mode](vault))
     say("DONE")
     vault.close()
 
