@@ -100,12 +100,13 @@ def make_api_app(node: "Node") -> web.Application:
 
     def check_slaves(master: str, slaves: list[str]) -> None:
         """Slaves are registered SAEs of other nodes (adjacent or not: keys are relayed)."""
+        saes, node_id = cfg.saes, cfg.node_id  # (the config in force, read once)
         for s in slaves:
-            if s not in cfg.saes:
+            if s not in saes:
                 raise ApiError(400, f"unknown SAE ID {s!r}", parameter="slave_SAE_ID", value=s)
         if master in slaves:
             raise ApiError(400, f"SAE {master} cannot be its own slave")
-        if any(cfg.saes[s] == cfg.node_id for s in slaves):
+        if any(saes[s] == node_id for s in slaves):
             raise ApiError(400, "every slave SAE must be attached to another node than the master SAE's "
                                 f"(node {cfg.node_id})")
 

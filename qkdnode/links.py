@@ -43,7 +43,7 @@ from qkdnode.errors import (
 from qkdnode.interfaces import KeySource
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import BadMessage, PeerClient, field, ranges_of
-from qkdnode.vault import STOCK, HandOut, Vault, new_key_id
+from qkdnode.vault import STOCK, HandOut, Vault, new_key_id, new_key_ids
 
 log = logging.getLogger("qkdnode.links")
 
@@ -99,8 +99,9 @@ class LinkPool:
         self._in_flight = 0
         self._batch_tasks: set[asyncio.Task] = set()
         self._batch_starting: asyncio.Task | None = None  # created, not yet run (has taken no request)
-        # The stock, by (master SAE, sorted slave SAEs, size in bits): ready keys (key_ID, created),
-        # oldest first; how many to keep; keys asked since the last look; when the demand was last seen.
+        # The stock, by (master SAE, sorted slave SAEs, size in bits): ready keys (chunk ID, index
+        # in the chunk, key_ID, created), oldest first; how many to keep; keys asked since the last
+        # look; when that demand was last seen.
         self._stock: dict[tuple, collections.deque] = {}
         self._stock_target: dict[tuple, int] = {}
         self._demand: dict[tuple, int] = {}
@@ -625,7 +626,7 @@ class LinkPool:
     async def _issue_stock(self, stocked: list[tuple]) -> None:
         """Hand stock keys to the requests they were taken for: durable here (the peer has them
         already). Answers every request itself, and raises nothing."""
-        calls = [([k for k, _ in keys], master, sorted(slaves), size_bits)
+        calls = [([k[:3] for k in keys], master, sorted(slaves), size_bits)
                  for (master, slaves, _, size_bits, _), keys in stocked]
         try:
             results = await self.vault.run(self.vault.issue_stock, self.cfg.id, calls)
@@ -652,17 +653,18 @@ class LinkPool:
         """At start: ready stock serves again; stock whose push was not confirmed is discarded at
         both ends (the peer may or may not have stored it)."""
         unconfirmed = []
-        for key_id, master, slaves, size_bits, state, created in await self.vault.run(self.vault.stock_rows,
-                                                                                     self.cfg.id):
+        for chunk_id, master, slaves, size_bits, state, created, keys in await self.vault.run(self.vault.stock_rows,
+                                                                                             self.cfg.id):
             if state == "ready":
-                self._stock.setdefault((master, tuple(slaves), size_bits), collections.deque()).append(
-                    (key_id, created))
+                self._stock.setdefault((master, tuple(slaves), size_bits), collections.deque()).extend(
+                    (chunk_id, i, key_id, created) for i, key_id in keys)
             else:
-                unconfirmed.append(key_id)
+                unconfirmed.append(chunk_id)
         if unconfirmed:
-            await self.vault.run(self.vault.stock_discard, self.cfg.id, unconfirmed, "stock push unconfirmed at stop")
+            n = await self.vault.run(self.vault.stock_discard, self.cfg.id, unconfirmed,
+                                     "stock push unconfirmed at stop")
             log.info("link %s: %d stock key(s) pushed without confirmation before the stop: discarded at both ends",
-                     self.cfg.id, len(unconfirmed))
+                     self.cfg.id, n)
 
     async def _stock_loop(self) -> None:
         last, failing = time.monotonic(), False
@@ -713,31 +715,32 @@ class LinkPool:
     async def _stock_up(self, combo: tuple, n: int) -> bool:
         """Cut n keys into the stock and push them to the peer; ready once it has stored them."""
         master, slaves, size_bits = combo
-        key_ids = [new_key_id() for _ in range(n)]
+        key_ids = new_key_ids(n)
         ((handouts, exc),) = await self.vault.run(self.vault.carve_batch, self.cfg.id,
                                                   [(key_ids, size_bits // 8, master, list(slaves), STOCK, None)])
         if exc is not None:  # PoolExhausted: the pool has just been drawn down; try again later
             return False
         push = {"master": master, "slaves": list(slaves), "size": size_bits,
                 "keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
+        chunk = key_ids[0]
         try:
             await self.peer.call(self.cfg.id, "keys", push)
         except QkdnodeError as exc:  # (a stop leaves them `pushing`: the next start discards them)
-            await self.vault.run(self.vault.stock_discard, self.cfg.id, key_ids, "stock push failed")
+            await self.vault.run(self.vault.stock_discard, self.cfg.id, [chunk], "stock push failed")
             log.warning("link %s: stock push of %d key(s) failed: %s", self.cfg.id, n, exc)
             return False
-        await self.vault.run(self.vault.stock_ready, self.cfg.id, key_ids)
+        await self.vault.run(self.vault.stock_ready, self.cfg.id, [chunk])
         now = time.time()
-        self._stock.setdefault(combo, collections.deque()).extend((k, now) for k in key_ids)
+        self._stock.setdefault(combo, collections.deque()).extend((chunk, i, k, now) for i, k in enumerate(key_ids))
         return True
 
     async def _expire_stock(self) -> None:
-        cutoff, old = time.time() - STOCK_MAX_AGE, []
+        cutoff, old = time.time() - STOCK_MAX_AGE, set()
         for ready in self._stock.values():
-            while ready and ready[0][1] < cutoff:
-                old.append(ready.popleft()[0])
+            while ready and ready[0][3] < cutoff:  # a chunk's keys are next to each other
+                old.add(ready.popleft()[0])
         if old:
-            await self.vault.run(self.vault.stock_discard, self.cfg.id, old,
+            await self.vault.run(self.vault.stock_discard, self.cfg.id, sorted(old),
                                  f"stock older than {STOCK_MAX_AGE:.0f} s")
 
     async def _discard_at_peer(self, items: list[dict], reason: str) -> None:

@@ -5,7 +5,6 @@ one commit of its own (docs/vault.md, Stock; docs/performance.md)."""
 import asyncio
 import json
 import os
-import time
 
 import pytest
 
@@ -72,49 +71,64 @@ def make_pool(vault: Vault, peer) -> LinkPool:
     return LinkPool(cfg, "A", vault, None, peer, NodeMetrics("A"), SAES)
 
 
+def keys_of(chunk: str, ids: list[str], at: int = 0) -> list[tuple[str, int, str]]:
+    return [(chunk, at + i, k) for i, k in enumerate(ids)]
+
+
 async def test_stock_keys_are_issued_once_and_only_once_ready(pair):
     a, b = pair
     ids = [f"00000000-0000-7000-8000-{i:012d}" for i in range(4)]
+    chunk = ids[0]                                                      # a chunk is named by its first key
     ((handouts, exc),) = await a.run(a.carve_batch, LINK, [(ids, 32, "sae-a", ["sae-b"], STOCK, None)])
     assert exc is None and all(h.bits == b"" for h in handouts)           # no bits leave the vault while stocking
     assert a.committed_stock_bits(LINK) == 4 * 256
     assert (await a.run(a.check))["stock"] == {f"{LINK}/pushing": {"keys": 4, "bits": 1024}}
-    issue = [(ids[:1], "sae-a", ["sae-b"], 256)]
-    ((got, refused),) = await a.run(a.issue_stock, LINK, issue)
+    ((got, refused),) = await a.run(a.issue_stock, LINK, [(keys_of(chunk, ids[:1]), "sae-a", ["sae-b"], 256)])
     assert got is None and isinstance(refused, CarveConflict)             # not pushed yet: not issued
-    assert await a.run(a.stock_ready, LINK, ids) == 4
-    wrong = [(ids[:2], "sae-a", ["sae-x"], 256), (ids[2:3], "sae-a", ["sae-b"], 128)]
+    assert await a.run(a.stock_ready, LINK, [chunk]) == 1
+    wrong = [(keys_of(chunk, ids[:2]), "sae-a", ["sae-x"], 256),         # another slave
+             (keys_of(chunk, ids[2:3], 2), "sae-a", ["sae-b"], 128),     # another size
+             ([(chunk, 1, ids[2])], "sae-a", ["sae-b"], 256),             # an ID not at that index
+             ([(chunk, 0, ids[0]), (chunk, 0, ids[0])], "sae-a", ["sae-b"], 256)]  # one key twice in a call
     assert all(isinstance(e, CarveConflict) for _, e in await a.run(a.issue_stock, LINK, wrong))
-    [(first, e1), (again, e2)] = await a.run(a.issue_stock, LINK, [(ids[:3], "sae-a", ["sae-b"], 256),
-                                                                   (ids[:1], "sae-a", ["sae-b"], 256)])
+    [(first, e1), (again, e2)] = await a.run(a.issue_stock, LINK, [(keys_of(chunk, ids[:3]), "sae-a", ["sae-b"], 256),
+                                                                   (keys_of(chunk, ids[:1]), "sae-a", ["sae-b"], 256)])
     assert e1 is None and isinstance(e2, CarveConflict)                    # no key issued twice
+    [(_, e3)] = await a.run(a.issue_stock, LINK, [(keys_of(chunk, ids[1:2], 1), "sae-a", ["sae-b"], 256)])
+    assert isinstance(e3, CarveConflict)                                  # ...nor in a later operation
     # The peer, cutting the ranges the stock was pushed with, holds the same bits.
     await b.run(b.apply_carve, LINK, [h.key_ID for h in handouts], [h.ranges for h in handouts], 32, "sae-a",
                 ["sae-b"], True)
     at_b = dict(await b.run(b.deliver, "sae-b", "sae-a", ids[:3]))
     assert {h.key_ID: h.bits for h in first} == at_b and len(set(at_b.values())) == 3
     assert a.committed_stock_bits(LINK) == 256
+    assert (await a.run(a.check))["stock"] == {f"{LINK}/ready": {"keys": 1, "bits": 256}}
+    [(last, _)] = await a.run(a.issue_stock, LINK, [(keys_of(chunk, ids[3:], 3), "sae-a", ["sae-b"], 256)])
+    assert len(last) == 1 and (await a.run(a.stock_rows, LINK)) == []    # used up: the chunk row is gone
     events = [e for (e,) in a._conn.execute("SELECT event FROM audit WHERE key_id IN (?,?,?,?) ORDER BY id", ids)]
-    assert events.count("key_stocked") == 4 and events.count("key_issued") == 3
+    assert events.count("key_stocked") == 4 and events.count("key_issued") == 4
 
 
-async def test_stock_is_resealed_by_a_data_key_rotation_and_a_tampered_row_is_never_issued(pair):
+async def test_stock_is_resealed_by_a_data_key_rotation_and_a_tampered_chunk_is_never_issued(pair):
     a, _ = pair
-    ids = [f"00000000-0000-7000-8000-{i:012d}" for i in range(3)]
-    await a.run(a.carve_batch, LINK, [(ids, 32, "sae-a", ["sae-b"], STOCK, None)])
-    await a.run(a.stock_ready, LINK, ids)
+    ids = [f"00000000-0000-7000-8000-{i:012d}" for i in range(6)]
+    await a.run(a.carve_batch, LINK, [(ids[:3], 32, "sae-a", ["sae-b"], STOCK, None),
+                                      (ids[3:], 32, "sae-a", ["sae-b"], STOCK, None)])
+    await a.run(a.stock_ready, LINK, [ids[0], ids[3]])
+    [(got, _)] = await a.run(a.issue_stock, LINK, [(keys_of(ids[0], ids[:1]), "sae-a", ["sae-b"], 256)])
     gen, _ = await a.run(a.begin_data_key_rotation)
     while await a.run(a.reseal_batch, 500):
         pass
     assert await a.run(a.reseal_batch, 500) == 0 and list(a._keys) == [gen]  # the old data key is gone
-    # A stock row moved to another master SAE fails authentication: listed by check, never issued.
-    a._conn.execute("UPDATE stock SET master_sae='sae-z' WHERE key_id=?", (ids[0],))
+    # A chunk whose issued list is reset (to issue a key again) fails authentication: listed by
+    # check, never issued.
+    a._conn.execute("UPDATE stock SET issued='[]' WHERE chunk_id=?", (ids[0],))
     report = await a.run(a.check)
-    assert report["failures"] == [f"stock: key_ID {ids[0]}"]
-    [(_, exc)] = await a.run(a.issue_stock, LINK, [(ids[:1], "sae-z", ["sae-b"], 256)])
-    assert exc is not None
-    [(got, exc)] = await a.run(a.issue_stock, LINK, [(ids[1:], "sae-a", ["sae-b"], 256)])
-    assert exc is None and len(got) == 2
+    assert report["failures"] == [f"stock: chunk {ids[0]}"]
+    [(_, exc)] = await a.run(a.issue_stock, LINK, [(keys_of(ids[0], ids[:1]), "sae-a", ["sae-b"], 256)])
+    assert exc is not None and "failed authentication" in str(exc)
+    [(got, exc)] = await a.run(a.issue_stock, LINK, [(keys_of(ids[3], ids[3:], 0), "sae-a", ["sae-b"], 256)])
+    assert exc is None and len(got) == 3
 
 
 async def test_steady_demand_is_served_from_stock_without_a_push_per_request(pair, monkeypatch):

@@ -122,7 +122,7 @@ def test_sigkill_while_keys_are_stocked_and_issued_from_the_stock_loses_nothing_
                 free = await v.run(v.free_bytes, LINK)
                 audit = await v.run(lambda: v._conn.execute("SELECT key_id, event, size_bits FROM audit "
                                                              "WHERE key_id IS NOT NULL").fetchall())
-                stocked = await v.run(lambda: {k for (k,) in v._conn.execute("SELECT key_id FROM stock")})
+                stocked = {k for *_, keys in await v.run(v.stock_rows, LINK) for _, k in keys}
                 return report, free, audit, stocked
             report, free, audit, stocked = asyncio.run(look())
         finally:

@@ -45,12 +45,12 @@ async def stock(vault: Vault) -> None:
     and `ready` stock serves again; then keys are stocked four at a time (the push to the peer
     left out) and issued one by one."""
     rows = await vault.run(vault.stock_rows, LINK)
-    pushing = [k for k, *_, state, _ in rows if state == "pushing"]
+    pushing = [chunk for chunk, _, _, _, state, _, _ in rows if state == "pushing"]
     if pushing:
         await vault.run(vault.stock_discard, LINK, pushing, "stock push unconfirmed at stop")
-    ready = [k for k, *_, state, _ in rows if state == "ready"]
+    ready = [(chunk, i, k) for chunk, _, _, _, state, _, keys in rows if state == "ready" for i, k in keys]
 
-    async def requester(mine: list[str]) -> None:
+    async def requester(mine: list[tuple[str, int, str]]) -> None:
         while True:
             if not mine:
                 ids = [str(uuid.uuid4()) for _ in range(4)]
@@ -58,8 +58,8 @@ async def stock(vault: Vault) -> None:
                                                                          None)])
                 if exc is not None:
                     return
-                await vault.run(vault.stock_ready, LINK, ids)
-                mine = ids
+                await vault.run(vault.stock_ready, LINK, [ids[0]])
+                mine = [(ids[0], i, k) for i, k in enumerate(ids)]
             ((handouts, exc),) = await vault.run(vault.issue_stock, LINK, [([mine.pop()], "sae-a", ["sae-b"],
                                                                             KEY_BYTES * 8)])
             if exc is not None:
