@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hmac
 import logging
 import secrets
@@ -667,28 +668,42 @@ class LinkPool:
                      self.cfg.id, n)
 
     async def _stock_loop(self) -> None:
-        last, failing = time.monotonic(), False
-        while True:
-            try:
+        last = time.monotonic()
+
+        async def wake() -> None:  # a hand-out took the stock below half its target, or a second passed
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stock_wake.wait(), STOCK_PLAN_EVERY)
-            except asyncio.TimeoutError:
-                pass
             self._stock_wake.clear()
+
+        async def step() -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= STOCK_PLAN_EVERY:
+                self._plan_stock(now - last, now)
+                last = now
+                await self._expire_stock()
+            await self._refill_stock()
+
+        await self._keep_going("stock", wake, step)
+
+    async def _keep_going(self, what: str, wait, step) -> None:
+        """A background loop of the link: `wait`, then `step`, for ever; a failure is logged once
+        per outage, not once a round, and the loop goes on."""
+        failing = False
+        while True:
+            await wait()
             try:
-                now = time.monotonic()
-                if now - last >= STOCK_PLAN_EVERY:
-                    self._plan_stock(now - last, now)
-                    last = now
-                    await self._expire_stock()
-                await self._refill_stock()
+                await step()
+                if failing:
+                    log.info("link %s: %s works again", self.cfg.id, what)
                 failing = False
             except asyncio.CancelledError:
                 raise
-            except QkdnodeError as exc:  # once per outage, not once a second
-                (log.debug if failing else log.warning)("link %s: stock: %s", self.cfg.id, exc)
+            except QkdnodeError as exc:
+                (log.debug if failing else log.warning)("link %s: %s: %s", self.cfg.id, what, exc)
                 failing = True
             except Exception:
-                log.exception("link %s: unexpected failure in the stock loop", self.cfg.id)
+                log.exception("link %s: unexpected failure in the %s loop", self.cfg.id, what)
 
     def _plan_stock(self, elapsed: float, now: float) -> None:
         """How many keys to keep in stock for each (master, slaves, size), from what it asked for."""
@@ -833,21 +848,7 @@ class LinkPool:
     # ------------------------------------------------------------ outbox: pushes the peer must see
 
     async def _outbox_loop(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                await self.flush_outbox()
-                if failing:
-                    log.info("link %s: outbox delivered again", self.cfg.id)
-                failing = False
-            except asyncio.CancelledError:
-                raise
-            except QkdnodeError as exc:  # once per outage, not once a second
-                (log.debug if failing else log.warning)("link %s: outbox: %s", self.cfg.id, exc)
-                failing = True
-            except Exception:
-                log.exception("link %s: unexpected failure in the outbox loop", self.cfg.id)
+        await self._keep_going("outbox", lambda: asyncio.sleep(1.0), self.flush_outbox)
 
     async def flush_outbox(self, min_age: float = OUTBOX_RETRY_AFTER) -> None:
         """Forget acknowledged pushes; send again those a crash or an outage left unconfirmed."""

@@ -136,6 +136,7 @@ def _link(samples: Samples, link_id: str, peer: str | None, role: str | None, dr
         "secret_key_rate_bps": _one(samples, "qkdnode_link_secret_key_rate_bits_per_second", link=link_id),
         "pool": {"ready_bits": _one(samples, "qkdnode_pool_ready_bits", link=link_id),
                  "pending_bits": _one(samples, "qkdnode_pool_bits", link=link_id, state="pending"),
+                 "stock_bits": _one(samples, "qkdnode_pool_bits", link=link_id, state="stock"),
                  "target_bits": target,
                  "time_to_empty_seconds": _finite(tte), "shrinking": tte is not None and math.isfinite(tte)},
     }

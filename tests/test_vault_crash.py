@@ -66,6 +66,20 @@ def inspect(db: Path, key: bytes) -> dict:
         v.close()
 
 
+def take_answers(lines: list[str], answered: dict[str, tuple], used: set[tuple[str, int]], round_no: int) -> None:
+    """Record the hand-outs a victim answered; none may repeat a key_ID or a byte of link key."""
+    for line in lines:
+        if line == "DONE":
+            continue
+        key_id, ranges, digest = json.loads(line)
+        assert key_id not in answered, f"round {round_no}: key_ID {key_id} answered twice"
+        answered[key_id] = (ranges, digest)
+        for bid, s, e in ranges:
+            for i in range(s, e):
+                assert (bid, i) not in used, f"round {round_no}: byte {i} of block {bid} handed out twice"
+                used.add((bid, i))
+
+
 def test_sigkill_during_concurrent_hand_outs_loses_nothing_and_repeats_nothing(tmp_path):
     rng = random.Random(int(os.environ.get("QKDNODE_CRASH_SEED", "4242")))
     db, key = tmp_path / "vault.db", os.urandom(32)
@@ -73,16 +87,7 @@ def test_sigkill_during_concurrent_hand_outs_loses_nothing_and_repeats_nothing(t
     answered: dict[str, tuple] = {}
     used: set[tuple[str, int]] = set()
     for round_no in range(ROUNDS):
-        for line in kill_soon(start(db, key, "handout"), rng):
-            if line == "DONE":
-                continue
-            key_id, ranges, digest = json.loads(line)
-            assert key_id not in answered, f"round {round_no}: key_ID {key_id} answered twice"
-            answered[key_id] = (ranges, digest)
-            for bid, s, e in ranges:
-                for i in range(s, e):
-                    assert (bid, i) not in used, f"round {round_no}: byte {i} of block {bid} handed out twice"
-                    used.add((bid, i))
+        take_answers(kill_soon(start(db, key, "handout"), rng), answered, used, round_no)
         report, free, stored, audited = inspect(db, key)
         assert not report["failures"], report["failures"]
         # Every answer an SAE got is durable, with its audit record.
@@ -103,16 +108,7 @@ def test_sigkill_while_keys_are_stocked_and_issued_from_the_stock_loses_nothing_
     answered: dict[str, tuple] = {}
     used: set[tuple[str, int]] = set()
     for round_no in range(rounds):
-        for line in kill_soon(start(db, key, "stock"), rng):
-            if line == "DONE":
-                continue
-            key_id, ranges, digest = json.loads(line)
-            assert key_id not in answered, f"round {round_no}: key_ID {key_id} answered twice"
-            answered[key_id] = (ranges, digest)
-            for bid, s, e in ranges:
-                for i in range(s, e):
-                    assert (bid, i) not in used, f"round {round_no}: byte {i} of block {bid} handed out twice"
-                    used.add((bid, i))
+        take_answers(kill_soon(start(db, key, "stock"), rng), answered, used, round_no)
         v = Vault(db, key).open()
         try:
             import asyncio
