@@ -608,6 +608,12 @@ class LinkPool:
 
     # ------------------------------------------------------------ the stock (master end)
 
+    def stock_bits_for(self, master: str, slaves: list[str]) -> int:
+        """Key in the ready stock for this master SAE and these slave SAEs, any key size (ETSI 014
+        status counts it as stored key of the pair: it was taken from the pool for them)."""
+        pair = (master, tuple(sorted(slaves)))
+        return sum(len(ready) * size for (m, s, size), ready in self._stock.items() if (m, s) == pair)
+
     def _take_stock(self, batch: list[tuple]) -> tuple[list[tuple], list[tuple]]:
         """Split a batch: requests the ready stock covers (each with the key_IDs it takes) and the
         others, which are cut now."""

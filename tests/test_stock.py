@@ -150,6 +150,9 @@ async def test_steady_demand_is_served_from_stock_without_a_push_per_request(pai
         stocked_before = set(peer.pushed[:pushes])
         assert all(h.key_ID in stocked_before for h in fresh)                # taken from the stock...
         assert pool.vault.committed_stock_bits(LINK) // 256 == len(pool._stock[("sae-a", ("sae-b",), 256)])
+        # ETSI 014 status counts it as key stored for that pair (and for no other)
+        assert pool.stock_bits_for("sae-a", ["sae-b"]) == pool.vault.committed_stock_bits(LINK) > 0
+        assert pool.stock_bits_for("sae-a", ["sae-c"]) == 0 == pool.stock_bits_for("sae-b", ["sae-b"])
         # ...and the peer has every one of them, with the same bits, for the slave SAE.
         at_b = dict(await b.run(b.deliver, "sae-b", "sae-a", [h.key_ID for h in fresh]))
         assert at_b == {h.key_ID: h.bits for h in fresh}
