@@ -160,8 +160,8 @@ def make_api_app(node: "Node") -> web.Application:
         if pool is not None:
             await pool.refresh_gauge()
         ready, capacity = node.router.ready_bits_to(target)
-        if pool is not None:  # keys agreed ahead for this pair (docs/vault.md, The stock) are stored key too,
-            ready += pool.stock_bits_for(master, [slave])  # held beside the pool's target
+        if pool is not None:  # the pair's stock (docs/vault.md) is stored key too, held beside the pool's target
+            ready += pool.stock_bits_for(master, [slave])
             capacity = max(capacity, ready)
         k = cfg.keys
         return web.json_response({

@@ -615,8 +615,8 @@ class LinkPool:
         return sum(len(ready) * size for (m, s, size), ready in self._stock.items() if (m, s) == pair)
 
     def _take_stock(self, batch: list[tuple]) -> tuple[list[tuple], list[tuple]]:
-        """Split a batch: requests the ready stock covers (each with the key_IDs it takes) and the
-        others, which are cut now."""
+        """Split a batch: requests the ready stock covers (each with the stock entries it takes:
+        chunk ID, index, key_ID, created) and the others, which are cut now."""
         stocked, fresh = [], []
         for request in batch:
             master, slaves, number, size_bits, _ = request
@@ -863,7 +863,7 @@ class LinkPool:
             await self.vault.run(self.vault.outbox_done, done)
         items = await self.vault.run(self.vault.outbox_items, self.cfg.id)
         now = time.time()
-        discards = []
+        discards: dict[str, list[dict]] = {}  # by the reason the peer records
         for key_id, kind, msg, created in items:
             if kind == "keys" and (now - created < min_age or key_id in self._confirmed):
                 continue  # probably still in flight on the request's own path
@@ -872,8 +872,9 @@ class LinkPool:
                 await self.peer.call(self.cfg.id, "keys", {**msg, "keys": [item]})
                 await self.vault.run(self.vault.outbox_done, [key_id])
             else:
-                discards.append(item)
-        for i in range(0, len(discards), OUTBOX_DISCARDS_PER_CALL):
-            chunk = discards[i:i + OUTBOX_DISCARDS_PER_CALL]
-            await self.peer.call(self.cfg.id, "discard", {"keys": chunk, "reason": "hand-out failed"})
-            await self.vault.run(self.vault.outbox_done, [item["key_ID"] for item in chunk])
+                discards.setdefault(msg.get("reason", "hand-out failed"), []).append(item)
+        for reason, group in discards.items():
+            for i in range(0, len(group), OUTBOX_DISCARDS_PER_CALL):
+                chunk = group[i:i + OUTBOX_DISCARDS_PER_CALL]
+                await self.peer.call(self.cfg.id, "discard", {"keys": chunk, "reason": reason})
+                await self.vault.run(self.vault.outbox_done, [item["key_ID"] for item in chunk])

@@ -21,8 +21,8 @@ class NodeMetrics:
         r = self.registry
         self.pool_ready_bits = Gauge("qkdnode_pool_ready_bits", "Link key ready to hand out at this node",
                                      ["link"], registry=r)
-        self.pool_bits = Gauge("qkdnode_pool_bits", "Link key held at this node, by block state (pending, ready) and in stock (keys agreed ahead of demand)",
-                               ["link", "state"], registry=r)
+        self.pool_bits = Gauge("qkdnode_pool_bits", "Link key held at this node, by block state (pending, "
+                               "ready) and in stock (keys agreed ahead of demand)", ["link", "state"], registry=r)
         self.vault_commits = Counter("qkdnode_vault_commits_total", "Vault transactions committed (one fsync each)",
                                      registry=r)
         self.vault_ops = Counter("qkdnode_vault_operations_total", "Vault operations committed", registry=r)

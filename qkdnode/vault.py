@@ -169,6 +169,23 @@ def new_key_id() -> str:
     return new_key_ids(1)[0]
 
 
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+
+def _stock_left(key_ids: str, issued: str) -> int:
+    """Keys of a stock chunk not yet issued, from its row (`issued`: merged [start, end) index ranges)."""
+    return len(json.loads(key_ids)) - sum(e - s for s, e in json.loads(issued))
+
+
+def _stock_bits(conn: sqlite3.Connection) -> dict[str, int]:
+    """Bits of stock not yet issued, per link (a few rows of up to 256 keys each)."""
+    out: dict[str, int] = {}
+    for link, size_bits, key_ids, issued in conn.execute("SELECT link, size_bits, key_ids, issued FROM stock"):
+        out[link] = out.get(link, 0) + _stock_left(key_ids, issued) * size_bits
+    return out
+
+
 def _zero(buf: bytearray) -> None:
     buf[:] = bytes(len(buf))
 
@@ -320,9 +337,8 @@ class Vault:
                 self._create_stock(conn)
             self._totals = {(link, state): free for link, state, free in
                             conn.execute("SELECT link, state, SUM(free) FROM blocks GROUP BY link, state")}
-            if "stock" in {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}:
-                self._totals.update({(link, STOCK): n // 8 for link, n in
-                                     conn.execute("SELECT link, SUM(left_keys * size_bits) FROM stock GROUP BY link")})
+            if _has_table(conn, "stock"):
+                self._totals.update({(link, STOCK): bits // 8 for link, bits in _stock_bits(conn).items()})
             used = conn.execute("SELECT link, COUNT(*) FROM blocks WHERE state='used' GROUP BY link").fetchall()
             self._used = sum(n for _, n in used)
             self._used_links = {link for link, _ in used}
@@ -395,10 +411,10 @@ class Vault:
     def _create_stock(conn: sqlite3.Connection) -> None:
         """Keys a link's master node agreed with the peer ahead of demand (docs/vault.md, Stock): one
         row per chunk of keys cut together, named by its first key_ID; `issued` lists the indices
-        handed out (their bits zeroed in `sealed`), `left_keys` counts the others."""
+        handed out (their bits zeroed in `sealed`)."""
         conn.execute("CREATE TABLE IF NOT EXISTS stock (chunk_id TEXT PRIMARY KEY, link TEXT, master_sae TEXT, "
-                     "slaves TEXT, size_bits INTEGER, key_ids TEXT, ranges TEXT, issued TEXT, left_keys INTEGER, "
-                     "state TEXT, sealed BLOB, created FLOAT)")
+                     "slaves TEXT, size_bits INTEGER, key_ids TEXT, ranges TEXT, issued TEXT, state TEXT, "
+                     "sealed BLOB, created FLOAT)")
 
     def _wrap(self, master: AESGCM, gen: int, data_key: bytes) -> bytes:
         nonce = secrets.token_bytes(_NONCE)
@@ -730,13 +746,12 @@ class Vault:
         """A link removed for good (a switched link deleted): its blocks, pending or ready, are
         deleted (secure_delete zeroes them). Keys already cut from them are not touched."""
         cur = self._conn.execute("DELETE FROM blocks WHERE link=?", (link,))
-        stocked = self._conn.execute("SELECT COALESCE(SUM(left_keys), 0) FROM stock WHERE link=?",
-                                     (link,)).fetchone()[0]
+        stocked = self._bytes(link, STOCK)
         self._conn.execute("DELETE FROM stock WHERE link=?", (link,))
         if cur.rowcount or stocked:
             self._audit("link_removed", None, None, link, None,
-                        f"{cur.rowcount} unused block(s) and {stocked} stock key(s) deleted")
-        self._count(link, STOCK, -self._bytes(link, STOCK))
+                        f"{cur.rowcount} unused block(s) and {stocked * 8} bits of stock deleted")
+        self._count(link, STOCK, -stocked)
         return cur.rowcount
 
     def free_bytes(self, link: str) -> int:
@@ -808,7 +823,7 @@ class Vault:
         return out
 
     def _record(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
-                slaves: list[str], store: bool, outbox_message: dict | None,
+                slaves: list[str], store: bool | str, outbox_message: dict | None,
                 taken: dict[tuple[str, int, int], bytes] | None = None,
                 rows: _Rows | None = None) -> list[HandOut]:
         """Record cut keys: sealed key rows (`store` True), sealed stock rows (`store` STOCK, in
@@ -852,7 +867,7 @@ class Vault:
         if stock and result:  # one sealed row for the whole chunk
             bits = bytearray(b"".join(chunk))
             kj, rj = json.dumps(key_ids), json.dumps(ranges)
-            sink.stock.append((key_ids[0], link, master, slaves_json, size_bits, kj, rj, "[]", len(result), "pushing",
+            sink.stock.append((key_ids[0], link, master, slaves_json, size_bits, kj, rj, "[]", "pushing",
                                seal(self._stock_aad(key_ids[0], link, master, slaves_json, size_bits, "[]", kj, rj),
                                     bits), now))
             _zero(bits)
@@ -873,7 +888,7 @@ class Vault:
             c.executemany("INSERT INTO outbox (key_id, link, kind, message, created) VALUES (?,?,?,?,?)", rows.outbox)
         if rows.stock:
             c.executemany("INSERT INTO stock (chunk_id, link, master_sae, slaves, size_bits, key_ids, ranges, issued, "
-                          "left_keys, state, sealed, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows.stock)
+                          "state, sealed, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows.stock)
 
     def carve(self, link: str, key_ids: list[str], nbytes: int, master: str, slaves: list[str], store: bool,
               outbox: dict | None = None) -> list[HandOut]:
@@ -1101,8 +1116,8 @@ class Vault:
             issued = json.dumps(_merge((i, i + 1) for i in c.taken))
             aad = self._stock_aad(c.chunk_id, link, c.master, c.slaves, c.size_bits, issued, c.key_ids_json,
                                   c.ranges_json)
-            self._conn.execute("UPDATE stock SET issued=?, left_keys=?, sealed=? WHERE rowid=?",
-                               (issued, left, self._seal(aad, c.bits), c.rowid))
+            self._conn.execute("UPDATE stock SET issued=?, sealed=? WHERE rowid=?",
+                               (issued, self._seal(aad, c.bits), c.rowid))
         _zero(c.bits)
 
     def stock_discard(self, link: str, chunk_ids: list[str], reason: str) -> int:
@@ -1122,7 +1137,8 @@ class Vault:
             _zero(c.bits)
             for index, key_id in enumerate(c.key_ids):
                 if index not in c.taken:
-                    outbox.append((key_id, link, "discard", json.dumps({"ranges": c.ranges[index]}), now))
+                    outbox.append((key_id, link, "discard", json.dumps({"ranges": c.ranges[index], "reason": reason}),
+                                   now))
                     audit.append((now, "key_discarded", key_id, None, link, c.size_bits, reason))
             self._conn.execute("DELETE FROM stock WHERE rowid=?", (c.rowid,))
             left = len(c.key_ids) - len(c.taken)
@@ -1342,8 +1358,9 @@ class Vault:
             try:
                 _zero(self._open(self._row_aad_stock(r), r["sealed"], "stock chunk"))
                 entry = stock.setdefault(f"{r['link']}/{r['state']}", {"keys": 0, "bits": 0})
-                entry["keys"] += r["left_keys"]
-                entry["bits"] += r["left_keys"] * r["size_bits"]
+                left = _stock_left(r["key_ids"], r["issued"])
+                entry["keys"] += left
+                entry["bits"] += left * r["size_bits"]
             except SealBroken:
                 failures.append(f"stock: chunk {r['chunk_id']}")
         audit = dict(self._conn.execute("SELECT event, COUNT(*) FROM audit GROUP BY event").fetchall())
@@ -1353,8 +1370,7 @@ class Vault:
 
     def _has_stock(self) -> bool:
         """A vault last opened by an older qkdnode has no stock table until the daemon opens it."""
-        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='stock'"
-                                  ).fetchone() is not None
+        return _has_table(self._conn, "stock")
 
     def _rows(self, table: str):
         cur = self._conn.execute(f"SELECT * FROM {table}")
@@ -1430,8 +1446,7 @@ class Vault:
             "ready_bits": {link: free * 8 for link, free in
                            c.execute("SELECT link, SUM(free) FROM blocks WHERE state='ready' GROUP BY link")},
             "keys_waiting": c.execute("SELECT COUNT(*) FROM keys").fetchone()[0],
-            "stock": (c.execute("SELECT COALESCE(SUM(left_keys), 0) FROM stock").fetchone()[0]
-                      if self._has_stock() else 0),
+            "stock_bits": _stock_bits(c) if self._has_stock() else {},
             "outbox": c.execute("SELECT COUNT(*) FROM outbox").fetchone()[0],
         }
 
