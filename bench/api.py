@@ -10,6 +10,8 @@ ETSI 014 KME pair at unlimited key rate), then, in one run:
   hand-out is durable at both nodes before the answer (as always);
 - ceiling: the same load against a bare aiohttp HTTPS handler with the node's TLS setup that
   answers a constant key container (bench/ceiling.py), interleaved with the enc_keys runs;
+- enc_keys at the other end: the same load asked by sae-b1 at node B (the link's other end,
+  whose node asks node A to cut each batch) for sae-a1 (no target; beside the others);
 - dec_keys: the slave SAE fetches each key at node B right after the master SAE got it;
 - ingest: ready key bits per second node A takes from its link, idle and while serving the
   64-client enc_keys load, from the ETSI 014 KME pair, and from a CV-QKD pair whose blocks are
@@ -124,12 +126,17 @@ def side(tb: Testbed, sae: str, node: str) -> dict:
             "cert": str(tb.sae_creds[sae].cert), "key": str(tb.sae_creds[sae].key)}
 
 
-def spec_of(tb: Testbed, mode: str, clients: int, seconds: float, url: str | None = None) -> dict:
-    enc = side(tb, SAE_A, "A")
+def spec_of(tb: Testbed, mode: str, clients: int, seconds: float, url: str | None = None,
+            other_end: bool = False) -> dict:
+    """Load generator spec: enc_keys asked by sae-a1 at node A (the link's master end), or with
+    `other_end` by sae-b1 at node B for sae-a1; dec_keys by the other SAE at its node."""
+    enc, dec = side(tb, SAE_A, "A"), side(tb, SAE_B, "B")
+    if other_end:
+        enc, dec = side(tb, SAE_B, "B"), side(tb, SAE_A, "A")
     if url:
         enc["url"] = url
     return {"mode": mode, "clients": clients, "seconds": seconds, "warmup": 1.0, "ca": str(tb.pki.ca),
-            "enc": enc, "dec": side(tb, SAE_B, "B")}
+            "enc": enc, "dec": dec}
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -170,24 +177,27 @@ async def delivery(work: Path, args) -> dict:
         runs: dict[tuple[str, int], list[dict]] = {}
         for rep in range(args.repeat):
             for clients in args.clients:
-                for mode in ("ceiling", "enc", "dec"):
+                for mode in ("ceiling", "enc", "enc_other_end", "dec"):
                     if mode != "ceiling":
                         await wait_ready(tb, MIN_READY_BITS)
                     spec = spec_of(tb, "dec" if mode == "dec" else "enc", clients, args.seconds,
-                                   ceiling_url if mode == "ceiling" else None)
+                                   ceiling_url if mode == "ceiling" else None, other_end=mode == "enc_other_end")
                     pids = {"ceiling": ceiling.pid} if mode == "ceiling" else \
                         {"node A": tb.nodes["A"].proc.pid, "node B": tb.nodes["B"].proc.pid, "KMEs": os.getpid()}
                     r = await loadgen(spec, pids)
                     runs.setdefault((mode, clients), []).append(r)
-                    log(f"[{rep + 1}/{args.repeat}] {mode:7s} {clients:3d} clients: {r['requests_per_s']:8.0f}/s "
+                    log(f"[{rep + 1}/{args.repeat}] {mode:13s} {clients:3d} clients: {r['requests_per_s']:8.0f}/s "
                         f"p50 {r['p50_ms']} p99 {r['p99_ms']} p99.9 {r['p999_ms']} ms errors {r['errors']}")
         results = []
         for clients in args.clients:
             point = {"clients": clients}
-            for mode, name in (("ceiling", "ceiling"), ("enc", "enc_keys"), ("dec", "dec_keys")):
+            for mode, name in (("ceiling", "ceiling"), ("enc", "enc_keys"), ("enc_other_end", "enc_keys_at_other_end"),
+                               ("dec", "dec_keys")):
                 point[name] = median_of(runs[mode, clients])
             c, e = point["ceiling"], point["enc_keys"]
             point["enc_vs_ceiling_rps"] = round(e["requests_per_s"] / c["requests_per_s"], 3)
+            point["other_end_vs_ceiling_rps"] = round(point["enc_keys_at_other_end"]["requests_per_s"] /
+                                                      c["requests_per_s"], 3)
             point["enc_vs_ceiling_p99"] = round(e["p99_ms"] / c["p99_ms"], 3) if e["p99_ms"] and c["p99_ms"] else None
             results.append(point)
         return {"results": results}

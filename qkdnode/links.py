@@ -11,7 +11,9 @@ Hand-out: only the link's master node decides which bits become which key, so th
 never cut the same bits twice. A request at the master node is cut, committed, pushed to the
 peer (which cuts the same ranges and keeps the bits for the slave SAEs), and only then
 answered. A request at the other node asks the master node to cut (it keeps the bits for its
-slave SAEs), cuts the same ranges itself, commits, and answers.
+slave SAEs), cuts the same ranges itself, commits, and answers. At either end, requests that
+come while earlier ones are under way wait and go together: one vault operation and one peer
+call for all of them.
 
 The stock: for a (master SAE, slave SAEs, size) that asks for keys steadily, the master node
 cuts and pushes keys ahead of demand and keeps them sealed; such a request is answered from the
@@ -44,7 +46,7 @@ from qkdnode.errors import (
 from qkdnode.interfaces import KeySource
 from qkdnode.metrics import NodeMetrics
 from qkdnode.peer import BadMessage, PeerClient, field, ranges_of
-from qkdnode.vault import STOCK, HandOut, Vault, new_key_id, new_key_ids
+from qkdnode.vault import STOCK, HandOut, Vault, new_key_ids
 
 log = logging.getLogger("qkdnode.links")
 
@@ -52,7 +54,8 @@ OFFERS_IN_FLIGHT = 2         # rounds whose offer may be under way while the nex
 FILL_CALLS_PER_ROUND = 8     # device calls whose blocks are stored and offered together
 GROUP_BYTES = 16384          # device blocks without leakage joined into one stored block up to this size...
 GROUP_PARTS = 128            # ...and this many device blocks
-MAX_BATCH = 256              # hand-out requests cut and pushed together at most
+MAX_BATCH = 256              # hand-out requests cut and pushed (or allocated) together at most...
+MAX_BATCH_KEYS = 4096        # ...and keys (a peer message of ~0.5 MB; a larger request goes alone)
 MAX_BATCHES_IN_FLIGHT = 1    # a batch is cut, pushed and answered while the next requests gather (docs/performance.md)
 OUTBOX_RETRY_AFTER = 5.0  # seconds a pushed hand-out may stay unconfirmed before the retry loop sends it again
 OUTBOX_DISCARDS_PER_CALL = 512  # discards the outbox loop sends to the peer in one call
@@ -96,7 +99,7 @@ class LinkPool:
         self._offer_slots = asyncio.Semaphore(OFFERS_IN_FLIGHT)
         self._offering: set[str] = set()          # block IDs of offers under way
         self._background: set[asyncio.Task] = set()
-        self._waiting: list[tuple] = []  # hand-out requests not yet in a batch (master end)
+        self._waiting: list[tuple] = []  # hand-out requests not yet in a batch
         self._in_flight = 0
         self._batch_tasks: set[asyncio.Task] = set()
         self._batch_starting: asyncio.Task | None = None  # created, not yet run (has taken no request)
@@ -273,9 +276,7 @@ class LinkPool:
             # The device has more: fetch the next round while the peer confirms this one.
             await self._offer_slots.acquire()
             self._offering.update(bid for bid, _ in final)
-            task = asyncio.create_task(self._offer_in_background(final, pa, parts, blocks))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._offer_in_background(final, pa, parts, blocks))
             return True
         try:
             await self._offer(final, pa, parts)
@@ -283,6 +284,12 @@ class LinkPool:
             for b in blocks:
                 b.wipe()
         return False
+
+    def _in_background(self, coro) -> None:
+        """A task the pool keeps (and `stop` ends) but nobody awaits."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _offer_in_background(self, final, pa, parts, blocks) -> None:
         try:
@@ -461,35 +468,18 @@ class LinkPool:
     # ------------------------------------------------------------ hand-out
 
     async def hand_out(self, master: str, slaves: list[str], number: int, size_bits: int) -> list[HandOut]:
-        """Keys for a master SAE at this node and slave SAEs at the peer node, durable at both."""
-        nbytes = size_bits // 8
+        """Keys for a master SAE at this node and slave SAEs at the peer node, durable at both.
+        Requests that arrive while earlier ones are under way wait and go together: at the master
+        end one vault operation and one push for all of them, at the other end one `allocate`
+        call to the master node and one vault operation (docs/performance.md)."""
         if self.cfg.is_master:
-            # Requests that arrive while earlier ones are being cut and pushed wait and go together:
-            # one vault operation and one peer call for all of them (docs/performance.md).
             combo = (master, tuple(sorted(slaves)), size_bits)
             self._demand[combo] = self._demand.get(combo, 0) + number
-            fut = asyncio.get_running_loop().create_future()
-            self._waiting.append((master, slaves, number, size_bits, fut))
-            self._start_batches()
-            handouts = await fut
-            self.consumed_bits += number * size_bits
-            return handouts
-        else:
-            answer = await self.peer.call(self.cfg.id, "allocate",
-                                          {"master": master, "slaves": slaves, "number": number, "size": size_bits})
-            items = field(answer, "keys", list)
-            key_ids = [field(i, "key_ID", str) if isinstance(i, dict) else "" for i in items]
-            ranges = [ranges_of(i) for i in items]
-            if len(key_ids) != number:
-                raise PeerRejected(f"peer node {self.cfg.peer} allocated {len(key_ids)} keys, asked {number}")
-            try:
-                handouts = await self.vault.run(self.vault.apply_carve, self.cfg.id, key_ids, ranges, nbytes,
-                                                master, slaves, False)
-            except CarveConflict:
-                asyncio.create_task(self._discard_at_peer(items, "the other end could not cut these keys"))
-                raise
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((master, slaves, number, size_bits, fut))
+        self._start_batches()
+        handouts = await fut
         self.consumed_bits += number * size_bits
-        await self.refresh_gauge()
         return handouts
 
     def _start_batches(self) -> None:
@@ -510,22 +500,29 @@ class LinkPool:
         self._start_batches()
 
     async def _hand_out_batch(self) -> None:
+        self._batch_starting = None
+        n, keys = 0, 0
+        for _, _, number, _, _ in self._waiting[:MAX_BATCH]:
+            if n and keys + number > MAX_BATCH_KEYS:
+                break
+            n, keys = n + 1, keys + number
+        batch, self._waiting = self._waiting[:n], self._waiting[n:]
+        self._start_batches()  # more than one batch waiting
+        if batch:
+            await (self._cut_batch(batch) if self.cfg.is_master else self._allocate_batch(batch))
+
+    async def _cut_batch(self, batch: list[tuple]) -> None:
         """Master end: cut keys for several requests in one vault operation (with their outbox
         rows), push them to the peer in one call, and answer each request. A request the pool
         cannot cover fails alone (PoolExhausted); one the peer refuses fails alone; if the push
         fails, every request of the batch fails and none of their keys is handed out."""
-        self._batch_starting = None
-        batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-        self._start_batches()  # more than one batch waiting
-        if not batch:
-            return
         stocked: list[tuple] = []
         try:
             stocked, batch = self._take_stock(batch)
             calls = []
             for master, slaves, number, size_bits, _ in batch:
                 message = {"master": master, "slaves": slaves, "size": size_bits}
-                calls.append(([new_key_id() for _ in range(number)], size_bits // 8, master, slaves, False, message))
+                calls.append((new_key_ids(number), size_bits // 8, master, slaves, False, message))
             # The outbox entries of the batches the peer has taken go in this batch's transaction:
             # a few dozen rows each time, not thousands at once from the outbox loop (a writer
             # stall of ~20 ms every second under load: docs/performance.md).
@@ -575,36 +572,91 @@ class LinkPool:
 
     async def _push(self, pushed: list[tuple]) -> dict[int, Exception]:
         """Send the cut keys of several requests to the peer; returns the ones it did not take."""
-        if len(pushed) == 1:
-            try:
-                await self.peer.call(self.cfg.id, "keys", pushed[0][2])
-                return {}
-            except (PeerUnavailable, PeerRejected, PoolExhausted) as exc:
-                return {0: exc}
-        try:
-            answer = await self.peer.call(self.cfg.id, "keys", {"batch": [p for _, _, p in pushed]})
-        except PeerRejected as exc:
-            if exc.answer.get("message", "").startswith("field 'master'"):  # a peer without batches
-                return await self._push_one_by_one(pushed)
-            return {i: exc for i in range(len(pushed))}
-        except (PeerUnavailable, PoolExhausted) as exc:
-            return {i: exc for i in range(len(pushed))}
-        results = answer.get("results")
-        if not isinstance(results, list) or len(results) != len(pushed):
-            exc = PeerRejected(f"peer node {self.cfg.peer}: a batch of {len(pushed)} pushes answered without "
-                               "one result each")
-            return {i: exc for i in range(len(pushed))}
-        return {i: PeerRejected(f"peer node {self.cfg.peer}: {r.get('error') if isinstance(r, dict) else r}")
+        results = await self._batch_call("keys", [p for _, _, p in pushed])
+        return {i: r if isinstance(r, Exception) else PeerRejected(f"peer node {self.cfg.peer}: stored no keys")
                 for i, r in enumerate(results) if not (isinstance(r, dict) and "stored" in r)}
 
-    async def _push_one_by_one(self, pushed: list[tuple]) -> dict[int, Exception]:
-        refused: dict[int, Exception] = {}
-        for i, (_, _, push) in enumerate(pushed):
+    async def _allocate_batch(self, batch: list[tuple]) -> None:
+        """The link's other end: the master node cuts the keys of several requests in one call
+        (`allocate`; it keeps the bits for its slave SAEs), they are cut here in one vault
+        operation, and each request is answered. A request the master node cannot serve fails
+        alone (PoolExhausted when it has too little key); keys this end cannot cut are discarded
+        at both ends."""
+        try:
+            answers = await self._batch_call("allocate", [{"master": m, "slaves": s, "number": n, "size": size}
+                                                          for m, s, n, size, _ in batch])
+            calls, asked = [], []
+            for (master, slaves, number, size_bits, fut), answer in zip(batch, answers):
+                try:
+                    if isinstance(answer, Exception):
+                        raise answer
+                    items = field(answer, "keys", list)
+                    key_ids = [field(i, "key_ID", str) if isinstance(i, dict) else "" for i in items]
+                    ranges = [ranges_of(i) for i in items]
+                    if len(key_ids) != number:
+                        raise PeerRejected(f"peer node {self.cfg.peer} allocated {len(key_ids)} keys, asked {number}")
+                except BadMessage as exc:
+                    fut.set_exception(PeerRejected(f"peer node {self.cfg.peer}: allocate answered: {exc}"))
+                    continue
+                except QkdnodeError as exc:
+                    fut.set_exception(exc)
+                    continue
+                calls.append((key_ids, ranges, size_bits // 8, master, slaves, False))
+                asked.append((fut, items))
+            if not calls:
+                return
+            cut = await self.vault.run(self.vault.apply_carve_batch, self.cfg.id, calls)
+            undone = []
+            for (fut, items), (handouts, exc) in zip(asked, cut):
+                if exc is None and len(handouts) != len(items):  # key IDs this node has seen before
+                    exc = CarveConflict(f"link {self.cfg.id}: the peer allocated key IDs already known here")
+                elif isinstance(exc, CarveConflict):
+                    undone.extend(items)
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(handouts)
+            if undone:
+                self._in_background(self._discard_at_peer(undone, "the other end could not cut these keys"))
+            await self.refresh_gauge()
+        except BaseException as exc:  # anything else: no request of the batch may wait for ever
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else PeerUnavailable("stopping"))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _batch_call(self, verb: str, messages: list[dict]) -> list[dict | Exception]:
+        """Several messages of one kind to the peer in one call (`{"batch": [...]}`, answered
+        `{"results": [...]}`, one each); a lone message goes as itself. Each message gets its
+        answer, or the exception that refused it (PoolExhausted if the peer had too little key)."""
+        refusals = (PeerUnavailable, PeerRejected, PoolExhausted)
+        if len(messages) == 1:
             try:
-                await self.peer.call(self.cfg.id, "keys", push)
-            except (PeerUnavailable, PeerRejected, PoolExhausted) as exc:
-                refused[i] = exc
-        return refused
+                return [await self.peer.call(self.cfg.id, verb, messages[0])]
+            except refusals as exc:
+                return [exc]
+        try:
+            answer = await self.peer.call(self.cfg.id, verb, {"batch": messages})
+        except PeerRejected as exc:
+            if exc.answer.get("message", "").startswith("field 'master'"):  # a peer without batches
+                return [(await self._batch_call(verb, [m]))[0] for m in messages]
+            return [exc] * len(messages)
+        except refusals as exc:
+            return [exc] * len(messages)
+        results = answer.get("results")
+        if not isinstance(results, list) or len(results) != len(messages):
+            return [PeerRejected(f"peer node {self.cfg.peer}: a batch of {len(messages)} {verb} messages answered "
+                                 "without one result each")] * len(messages)
+        out: list[dict | Exception] = []
+        for r in results:
+            if not isinstance(r, dict) or "error" in r:
+                error = r.get("error") if isinstance(r, dict) else r
+                out.append((PoolExhausted if isinstance(r, dict) and r.get("exhausted") is True else PeerRejected)(
+                    f"peer node {self.cfg.peer}: {error}"))
+            else:
+                out.append(r)
+        return out
 
     # ------------------------------------------------------------ the stock (master end)
 
@@ -771,18 +823,24 @@ class LinkPool:
             log.warning("link %s: could not ask the peer to discard %d key(s): %s", self.cfg.id, len(items), exc)
 
     async def on_allocate(self, body: dict) -> dict:
-        """The peer's SAE is the master; our SAEs are the slaves and get the bits from us."""
+        """The peer's SAE is the master; our SAEs are the slaves and get the bits from us. A body
+        with `batch` carries several requests (the peer's SAEs asking at once): one vault
+        operation for all, each answered in `results` ({"keys": [...]} or {"error": ...})."""
         if not self.cfg.is_master:
             raise BadMessage(f"node {self.node_id} is not the master end of link {self.cfg.id}")
-        master, slaves = self._parties(body)
-        number, size = field(body, "number", int), field(body, "size", int)
-        if number < 1 or size < 8 or size % 8:
-            raise BadMessage("number >= 1 and size a positive multiple of 8 expected")
-        key_ids = [new_key_id() for _ in range(number)]
-        handouts = await self.vault.run(self.vault.carve, self.cfg.id, key_ids, size // 8, master, slaves, True)
-        self.consumed_bits += number * size
-        await self.refresh_gauge()
-        return {"keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
+
+        def parse(m: dict) -> tuple:
+            master, slaves = self._parties(m)
+            number, size = field(m, "number", int), field(m, "size", int)
+            if number < 1 or size < 8 or size % 8:
+                raise BadMessage("number >= 1 and size a positive multiple of 8 expected")
+            return new_key_ids(number), size // 8, master, slaves, True
+
+        def answer(call: tuple, handouts: list[HandOut]) -> dict:
+            self.consumed_bits += len(handouts) * call[1] * 8
+            return {"keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
+
+        return await self._messages(body, parse, self.vault.carve_batch, answer)
 
     async def on_keys(self, body: dict) -> dict:
         """The link's master node cut keys for its SAE; keep the same bits for our slave SAEs.
@@ -790,44 +848,54 @@ class LinkPool:
         (one vault operation for all), and answered in `results` ({"stored": n} or {"error": ...})."""
         if self.cfg.is_master:
             raise BadMessage(f"node {self.node_id} is the master end of link {self.cfg.id}; it cuts its own keys")
-        if "batch" in body:
-            return await self._on_keys_batch(field(body, "batch", list))
-        (master, slaves), size = self._parties(body), field(body, "size", int)
-        items = field(body, "keys", list)
-        if size < 8 or size % 8:
-            raise BadMessage("size must be a positive multiple of 8")
-        key_ids = [field(i, "key_ID", str) if isinstance(i, dict) else "" for i in items]
-        ranges = [ranges_of(i) for i in items]
-        stored = await self.vault.run(self.vault.apply_carve, self.cfg.id, key_ids, ranges, size // 8, master,
-                                      slaves, True)
-        self.consumed_bits += len(stored) * size
-        await self.refresh_gauge()
-        return {"stored": len(stored)}
 
-    async def _on_keys_batch(self, batch: list) -> dict:
-        results: list[dict | None] = [None] * len(batch)
+        def parse(m: dict) -> tuple:
+            (master, slaves), size = self._parties(m), field(m, "size", int)
+            items = field(m, "keys", list)
+            if size < 8 or size % 8:
+                raise BadMessage("size must be a positive multiple of 8")
+            key_ids = [field(k, "key_ID", str) if isinstance(k, dict) else "" for k in items]
+            return key_ids, [ranges_of(k) for k in items], size // 8, master, slaves, True
+
+        def answer(call: tuple, stored: list[HandOut]) -> dict:
+            self.consumed_bits += len(stored) * call[2] * 8
+            return {"stored": len(stored)}
+
+        return await self._messages(body, parse, self.vault.apply_carve_batch, answer)
+
+    async def _messages(self, body: dict, parse, op, answer) -> dict:
+        """A peer message, or several (`batch`): each checked by `parse` into the arguments of one
+        call of the vault operation `op` (a BadMessage refuses that message alone), all of them in
+        one operation, each answered by `answer`. A lone message that fails raises, as it did
+        before batches; in a batch the failure is that message's result (`exhausted` when the
+        pool had too little key)."""
+        batch = "batch" in body
+        messages = field(body, "batch", list) if batch else [body]
+        results: list[dict | None] = [None] * len(messages)
         calls, at = [], []
-        for i, body in enumerate(batch):
+        for i, m in enumerate(messages):
             try:
-                if not isinstance(body, dict):
+                if not isinstance(m, dict):
                     raise BadMessage("each message of a batch is an object")
-                (master, slaves), size = self._parties(body), field(body, "size", int)
-                items = field(body, "keys", list)
-                if size < 8 or size % 8:
-                    raise BadMessage("size must be a positive multiple of 8")
-                key_ids = [field(k, "key_ID", str) if isinstance(k, dict) else "" for k in items]
-                calls.append((key_ids, [ranges_of(k) for k in items], size // 8, master, slaves, True))
+                calls.append(parse(m))
                 at.append(i)
             except BadMessage as exc:
+                if not batch:
+                    raise
                 results[i] = {"error": str(exc)}
         if calls:
-            stored = await self.vault.run(self.vault.apply_carve_batch, self.cfg.id, calls)
-            for i, (n, exc) in zip(at, stored):
-                if exc is not None:
-                    log.error("link %s: %s", self.cfg.id, exc)
-                results[i] = {"stored": n} if exc is None else {"error": str(exc)}
+            done = await self.vault.run(op, self.cfg.id, calls)
+            for i, call, (out, exc) in zip(at, calls, done):
+                if exc is None:
+                    results[i] = answer(call, out)
+                elif not batch:
+                    raise exc
+                else:
+                    if not isinstance(exc, PoolExhausted):
+                        log.error("link %s: %s", self.cfg.id, exc)
+                    results[i] = {"error": str(exc), "exhausted": isinstance(exc, PoolExhausted)}
         await self.refresh_gauge()
-        return {"results": results}
+        return {"results": results} if batch else results[0]
 
     async def on_discard(self, body: dict) -> dict:
         reason = str(body.get("reason", "hand-out failed"))[:200]

@@ -102,6 +102,13 @@ class PeerClient:
             self._metrics.peer_up.labels(self.cfg.node_id).set(value)
 
 
+# The largest peer message a node takes: one hand-out of max_key_per_request keys (the config
+# allows up to 100,000) crosses as one message of ~120 to ~250 bytes a key; batches of requests
+# stay far below it (links.MAX_BATCH_KEYS). Only nodes with a certificate of the network's CA
+# get this far.
+PEER_MAX_BODY = 32 << 20
+
+
 class BadMessage(QkdnodeError):
     """A peer message that does not have the documented shape."""
 
@@ -179,7 +186,7 @@ def make_peer_app(node_id: str, pools: dict[str, "LinkPool"],
         except QkdnodeError as exc:  # e.g. this node's device failed while confirming an offer
             return _error(502, str(exc))
 
-    app = web.Application(client_max_size=1 << 20)
+    app = web.Application(client_max_size=PEER_MAX_BODY)
     app.router.add_get("/peer/v1/health", health)
     app.router.add_post("/peer/v1/links/{link}/{verb}", link_call)
     app.router.add_post("/peer/v1/node/{verb}", node_call)

@@ -980,10 +980,10 @@ class Vault:
             self.outbox_done(confirmed)
         return self._carve_many(link, [(*c, None)[:6] for c in calls])
 
-    def apply_carve_batch(self, link: str, calls: list[tuple]) -> list[tuple[int | None, Exception | None]]:
+    def apply_carve_batch(self, link: str, calls: list[tuple]) -> list[tuple[list[HandOut] | None, Exception | None]]:
         """`apply_carve` for several messages in one operation: `calls` are its arguments after
-        the link; each gets the number of keys it stored here, or the exception that refused it
-        (that message alone then changes nothing)."""
+        the link; each gets what `apply_carve` returns (the keys recorded here, none for a message
+        seen before), or the exception that refused it (that message alone then changes nothing)."""
         self._conn.execute("SAVEPOINT batch")
         delta = dict(self._delta)
         try:  # the common case, every message good: their keys cut in one pass over their blocks
@@ -999,7 +999,7 @@ class Vault:
             self._conn.execute("SAVEPOINT message")
             delta = dict(self._delta)
             try:
-                out.append((len(self.apply_carve(link, *args)), None))
+                out.append((self.apply_carve(link, *args), None))
                 self._conn.execute("RELEASE message")
             except QkdnodeError as exc:
                 self._conn.execute("ROLLBACK TO message")
@@ -1008,7 +1008,7 @@ class Vault:
                 out.append((None, exc))
         return out
 
-    def _apply_carves(self, link: str, calls: list[tuple]) -> list[tuple[int | None, Exception | None]]:
+    def _apply_carves(self, link: str, calls: list[tuple]) -> list[tuple[list[HandOut] | None, Exception | None]]:
         ids = [k for key_ids, *_ in calls for k in key_ids]
         known: set[str] = set()
         for i in range(0, len(ids), 500):
@@ -1025,8 +1025,8 @@ class Vault:
                     pieces.setdefault(bid, []).append((s, e))
         taken = self._take(link, pieces) if pieces else {}
         rows = _Rows()
-        out = [(len(self._record(link, [k for k, _ in keep], [r for _, r in keep], nbytes, master, slaves, store,
-                                 None, taken, rows)) if keep else 0, None)
+        out = [(self._record(link, [k for k, _ in keep], [r for _, r in keep], nbytes, master, slaves, store,
+                             None, taken, rows) if keep else [], None)
                for keep, nbytes, master, slaves, store in todo]
         self._write_rows(rows)
         return out

@@ -107,7 +107,7 @@ Bugs the campaign found, each fixed in its own commit with the test that catches
 - A request body nested deeper than Python's JSON parser goes (`[[[[...` within the 64 KiB limit)
   raised RecursionError: HTTP 500 on ETSI 014, ETSI 004 and the peer channel. Now 400.
 - A number of thousands of digits, or a digit `str.isdigit()` accepts but `int()` does not (`²`), in the
-  `number`/`size` query of ETSI 014 or SKIP: HTTP 500. Now 400. A peer body over 1 MiB got a plain-text
+  `number`/`size` query of ETSI 014 or SKIP: HTTP 500. Now 400. A peer body over its size limit got a plain-text
   413; now a JSON error object.
 - The etsi014 driver let a KME's deeply nested JSON or a body that is not UTF-8 escape as a plain
   exception instead of a DeviceProtocolError.

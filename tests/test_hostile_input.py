@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hil.testbed import Testbed
+from qkdnode.peer import PEER_MAX_BODY
 from tests.campaign_support import LONG, record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -376,11 +377,12 @@ def test_peer_messages_deep_or_huge_are_refused(net, verb):
     with net.node_session("A") as s:
         url = f"{net.m['nodes']['B']['peer']}/peer/v1/links/A-B/{verb}"
         for data in (b"[" * 50000 + b"]" * 50000, b'{"size": ' + b"9" * 5000 + b"}", b"\xff" * 100,
-                     b'{"x": "' + b"a" * (1 << 21) + b'"}'):
+                     b'{"x": "' + b"a" * PEER_MAX_BODY + b'"}'):
             resp = refused_changes_nothing(net, lambda: s.post(url, data=data, timeout=TIMEOUT,
                                                                headers={"Content-Type": "application/json"}))
             assert 400 <= resp.status_code < 500, (verb, resp.status_code, resp.text[:200])
-    record("fuzz", target=f"peer verb {verb}: deep JSON, 5000-digit number, not UTF-8, 2 MiB body",
+    record("fuzz", target=f"peer verb {verb}: deep JSON, 5000-digit number, not UTF-8, a body over "
+                          f"{PEER_MAX_BODY >> 20} MiB",
            passed=True)
 
 

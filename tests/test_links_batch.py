@@ -3,17 +3,20 @@ loop are cut in one vault operation and pushed to the peer in one call, each kee
 result (docs/performance.md, issue 10)."""
 
 import asyncio
+import json
 import os
 
 import pytest
 
 from qkdnode.config import LinkConfig
-from qkdnode.errors import PoolExhausted
+from qkdnode.errors import CarveConflict, PoolExhausted
 from qkdnode.links import MAX_BATCHES_IN_FLIGHT, LinkPool
 from qkdnode.metrics import NodeMetrics
 from qkdnode.vault import Vault
 
-from tests.test_vault import LINK, fill
+from tests.conftest import ready_keys
+from tests.sae_client import SaeClient, bits
+from tests.test_vault import LINK, fill, new_ids
 
 SAES = {"sae-a": "A", "sae-b": "B"}
 
@@ -120,3 +123,103 @@ async def test_the_outbox_entries_of_pushed_batches_go_with_the_next_batch_and_s
     assert await outbox() == [second[0].key_ID]                        # the first batch's went with it
     await pool.flush_outbox()
     assert await outbox() == []
+
+
+class LoopbackPeer:
+    """The master node's pool as the peer of the other end's pool, the message crossing as JSON
+    and its refusals mapped as the peer API maps them (BadMessage: 400, PoolExhausted: 503);
+    records each call's verb and how many requests it carried."""
+
+    def __init__(self, other: LinkPool, batches: bool = True):
+        self.other, self.batches = other, batches
+        self.calls: list[tuple[str, int]] = []
+
+    async def call(self, link: str, verb: str, body: dict, timeout: float = 15.0) -> dict:
+        from qkdnode.errors import PeerRejected
+        from qkdnode.peer import BadMessage
+        body = json.loads(json.dumps(body))
+        self.calls.append((verb, len(body.get("batch", [body]))))
+        try:
+            if "batch" in body and not self.batches:                     # as a node before batches
+                raise BadMessage("field 'master' missing or of the wrong type")
+            return json.loads(json.dumps(await getattr(self.other, f"on_{verb}")(body)))
+        except BadMessage as exc:
+            raise PeerRejected(f"peer node A: HTTP 400: {exc}", {"message": str(exc)}) from None
+
+
+@pytest.fixture
+async def two_ends(tmp_path):
+    """Both ends of a link in one process, each with its own vault holding the same blocks:
+    node A the link's master, node B the other end, whose SAE sae-b asks for keys to share with
+    sae-a."""
+    a, b = (Vault(tmp_path / f"{n}.db", os.urandom(32)) for n in "ab")
+    for v in (a, b):
+        await asyncio.to_thread(v.open, True)
+    blocks = await fill(a, 8)                                            # 8 x 32 bytes
+    await b.run(b.add_blocks, LINK, list(blocks.items()), "ready")
+    saes = {"sae-a": "A", "sae-b": "B"}
+    master = LinkPool(LinkConfig(LINK, "B", "master", "etsi014", 1 << 20, 1.0, {}), "A", a, None, None,
+                      NodeMetrics("A"), saes)
+    other = LinkPool(LinkConfig(LINK, "A", "slave", "etsi014", 1 << 20, 1.0, {}), "B", b, None, LoopbackPeer(master),
+                     NodeMetrics("B"), saes)
+    yield master, other, blocks
+    for v in (a, b):
+        await asyncio.to_thread(v.close)
+
+
+@pytest.mark.parametrize("batches", [True, False])
+async def test_requests_at_the_other_end_share_one_allocate_call_and_one_vault_operation(two_ends, batches):
+    """The link's other end batches too: requests of one turn go to the master node in one
+    `allocate` call and are cut in one vault operation. One the master node has too little key
+    for fails alone, with PoolExhausted (the router may then take another path). A master node
+    without batches gets the requests one by one."""
+    master, other, blocks = two_ends
+    other.peer.batches = batches
+    ops: list[int] = []
+    other.vault.on_commit = lambda n_ops, seconds: ops.append(n_ops)
+    asks = [1, 1, 9, 2, 1]                                               # the 9 keys of 256 bits find too little
+    results = await asyncio.gather(*(other.hand_out("sae-b", ["sae-a"], n, 256) for n in asks),
+                                   return_exceptions=True)
+    assert other.peer.calls == ([("allocate", 5)] if batches else [("allocate", 5)] + [("allocate", 1)] * 5)
+    assert ops == [1]                                                    # one cut at this end
+    assert isinstance(results[2], PoolExhausted)
+    served = [h for r in results if not isinstance(r, Exception) for h in r]
+    assert [len(r) for r in results if not isinstance(r, Exception)] == [1, 1, 2, 1]
+    assert b"".join(h.bits for h in served) == b"".join(blocks.values())[:5 * 32]  # oldest first, in order
+    # The master node keeps the same bits for its SAE sae-a, which fetches each key once.
+    delivered = dict(await master.vault.run(master.vault.deliver, "sae-a", "sae-b", [h.key_ID for h in served]))
+    assert delivered == {h.key_ID: h.bits for h in served}
+    assert other.consumed_bits == master.consumed_bits == 5 * 256 and not other._waiting
+
+
+async def test_keys_the_other_end_cannot_cut_are_refused_and_discarded_at_both_ends(two_ends):
+    """If this end's blocks do not hold what the master node allocated (the two vaults
+    disagree), the request fails, no key is handed out, and the master node is asked to
+    discard its copies, in the background."""
+    master, other, _ = two_ends
+    await other.vault.run(other.vault.carve, LINK, new_ids(1), 32, "sae-b", ["sae-a"], False)  # this end alone
+    with pytest.raises(CarveConflict):
+        await other.hand_out("sae-b", ["sae-a"], 1, 256)
+    await asyncio.gather(*other._background)
+    assert [v for v, _ in other.peer.calls] == ["allocate", "discard"]
+    assert (await master.vault.run(master.vault.check))["keys"]["waiting"] == 0  # nothing left for sae-a
+
+
+async def test_many_requests_at_once_at_either_end_are_served_with_the_same_bits_at_the_other(network):
+    """On real nodes: 96 requests of 128 keys at once, first at the link's master end, then at
+    the other end, all answered, each key fetched once at the other node with the same bits.
+    (96 x 128 keys do not fit in one peer message: batches are bounded by their keys too.)"""
+    tb = await network(unlimited_key_rate=True, pool_target_bits=1 << 23)
+    m = tb.manifest()
+    async with SaeClient(m, "sae-a1") as a, SaeClient(m, "sae-b1") as b:
+        for master, slave, slave_id, master_id in ((a, b, "sae-b1", "sae-a1"), (b, a, "sae-a1", "sae-b1")):
+            await ready_keys(master, slave_id, 2 * 96 * 128)
+            answers = await asyncio.gather(*(master.enc_keys(slave_id, number=128, size=256) for _ in range(96)))
+            assert [s for s, _ in answers] == [200] * 96, [x for s, x in answers if s != 200][:1]
+            got = {k: v for _, x in answers for k, v in bits(x).items()}
+            assert len(got) == 96 * 128 and len(set(got.values())) == len(got)
+            ids = list(got)
+            fetched = await asyncio.gather(*(slave.dec_keys(master_id, ids[i:i + 128])
+                                             for i in range(0, len(ids), 128)))
+            assert all(s == 200 for s, _ in fetched)
+            assert {k: v for _, x in fetched for k, v in bits(x).items()} == got
