@@ -15,9 +15,10 @@ slave SAEs), cuts the same ranges itself, commits, and answers. At either end, r
 come while earlier ones are under way wait and go together: one vault operation and one peer
 call for all of them.
 
-The stock: for a (master SAE, slave SAEs, size) that asks for keys steadily, the master node
-cuts and pushes keys ahead of demand and keeps them sealed; such a request is answered from the
-stock after one commit here, without the peer round trip (docs/architecture.md).
+The stock: for a (master SAE, slave SAEs, size) that asks for keys steadily, the master SAE's
+node agrees keys with the peer ahead of demand (cut and pushed at the link's master end,
+allocated by the master node at the other end) and keeps them sealed; such a request is answered
+from the stock after one commit here, without the peer round trip (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ MAX_BATCHES_IN_FLIGHT = 1    # a batch is cut, pushed and answered while the nex
 OUTBOX_RETRY_AFTER = 5.0  # seconds a pushed hand-out may stay unconfirmed before the retry loop sends it again
 OUTBOX_DISCARDS_PER_CALL = 512  # discards the outbox loop sends to the peer in one call
 
-# The stock (link master end; docs/vault.md): keys cut and pushed to the peer ahead of demand for
-# a (master SAE, slave SAEs, size) that asks for keys steadily, so that its requests are answered
-# after one commit here, without the peer round trip.
+# The stock (either end; docs/vault.md): keys agreed with the peer ahead of demand for a (master
+# SAE, slave SAEs, size) that asks for keys steadily, so that its requests are answered after one
+# commit here, without the peer round trip.
 STOCK_MIN_RATE = 50          # keys/s a (master, slaves, size) asks for before keys are stocked for it
 STOCK_SECONDS = 2.0          # the stock aims at this many seconds of its recent rate...
 STOCK_MIN_KEYS, STOCK_MAX_KEYS = 128, 8192   # ...within these bounds
-STOCK_PUSH_KEYS = 256        # keys cut and pushed at a time (a short vault operation beside the requests)
+STOCK_PUSH_KEYS = 256        # keys agreed at a time (a short vault operation beside the requests)
 STOCK_POOL_SHARE = 4         # a refill takes at most 1/4 of the ready pool
 STOCK_IDLE_AFTER = 60.0      # seconds without that demand before its stock is no longer topped up
 STOCK_MAX_AGE = 1800.0       # stock older than this is discarded at both ends (well inside any key_ttl_hours)
@@ -121,11 +122,12 @@ class LinkPool:
 
     async def start(self) -> None:
         await self.refresh_gauge()
+        await self._load_stock()
+        # Both ends: the outbox (at the other end it holds only discards of its stock), the stock.
+        self._tasks.append(asyncio.create_task(self._outbox_loop(), name=f"outbox {self.cfg.id}"))
+        self._tasks.append(asyncio.create_task(self._stock_loop(), name=f"stock {self.cfg.id}"))
         if self.cfg.is_master:
-            await self._load_stock()
             self._tasks.append(asyncio.create_task(self._fill_loop(), name=f"fill {self.cfg.id}"))
-            self._tasks.append(asyncio.create_task(self._outbox_loop(), name=f"outbox {self.cfg.id}"))
-            self._tasks.append(asyncio.create_task(self._stock_loop(), name=f"stock {self.cfg.id}"))
         else:  # the device is opened now, not at the first offer: some (a CV-QKD receiver) must be started
             self._tasks.append(asyncio.create_task(self._connect_loop(), name=f"connect {self.cfg.id}"))
 
@@ -472,9 +474,8 @@ class LinkPool:
         Requests that arrive while earlier ones are under way wait and go together: at the master
         end one vault operation and one push for all of them, at the other end one `allocate`
         call to the master node and one vault operation (docs/performance.md)."""
-        if self.cfg.is_master:
-            combo = (master, tuple(sorted(slaves)), size_bits)
-            self._demand[combo] = self._demand.get(combo, 0) + number
+        combo = (master, tuple(sorted(slaves)), size_bits)
+        self._demand[combo] = self._demand.get(combo, 0) + number
         fut = asyncio.get_running_loop().create_future()
         self._waiting.append((master, slaves, number, size_bits, fut))
         self._start_batches()
@@ -577,27 +578,38 @@ class LinkPool:
                 for i, r in enumerate(results) if not (isinstance(r, dict) and "stored" in r)}
 
     async def _allocate_batch(self, batch: list[tuple]) -> None:
-        """The link's other end: the master node cuts the keys of several requests in one call
-        (`allocate`; it keeps the bits for its slave SAEs), they are cut here in one vault
-        operation, and each request is answered. A request the master node cannot serve fails
-        alone (PoolExhausted when it has too little key); keys this end cannot cut are discarded
-        at both ends."""
+        """The link's other end: requests its stock covers are answered from it; for the others
+        the master node cuts the keys in one call (`allocate`; it keeps the bits for its slave
+        SAEs), they are cut here in one vault operation, and each request is answered. A request
+        the master node cannot serve fails alone (PoolExhausted when it has too little key); keys
+        this end cannot cut are discarded at both ends."""
+        stocked, batch = self._take_stock(batch)
+        await asyncio.gather(*([self._issue_stock(stocked)] if stocked else ()),
+                             *([self._allocate(batch)] if batch else ()))
+
+    def _allocated(self, answer: dict | Exception, number: int) -> tuple[list[dict], list[str], list]:
+        """The keys the master node cut for an `allocate` of `number` keys: the answer's items,
+        their key_IDs and ranges (the refusal is raised; a malformed answer is PeerRejected)."""
+        if isinstance(answer, Exception):
+            raise answer
+        try:
+            items = field(answer, "keys", list)
+            key_ids = [field(i, "key_ID", str) if isinstance(i, dict) else "" for i in items]
+            ranges = [ranges_of(i) for i in items]
+        except BadMessage as exc:
+            raise PeerRejected(f"peer node {self.cfg.peer}: allocate answered: {exc}") from None
+        if len(key_ids) != number:
+            raise PeerRejected(f"peer node {self.cfg.peer} allocated {len(key_ids)} keys, asked {number}")
+        return items, key_ids, ranges
+
+    async def _allocate(self, batch: list[tuple]) -> None:
         try:
             answers = await self._batch_call("allocate", [{"master": m, "slaves": s, "number": n, "size": size}
                                                           for m, s, n, size, _ in batch])
             calls, asked = [], []
             for (master, slaves, number, size_bits, fut), answer in zip(batch, answers):
                 try:
-                    if isinstance(answer, Exception):
-                        raise answer
-                    items = field(answer, "keys", list)
-                    key_ids = [field(i, "key_ID", str) if isinstance(i, dict) else "" for i in items]
-                    ranges = [ranges_of(i) for i in items]
-                    if len(key_ids) != number:
-                        raise PeerRejected(f"peer node {self.cfg.peer} allocated {len(key_ids)} keys, asked {number}")
-                except BadMessage as exc:
-                    fut.set_exception(PeerRejected(f"peer node {self.cfg.peer}: allocate answered: {exc}"))
-                    continue
+                    items, key_ids, ranges = self._allocated(answer, number)
                 except QkdnodeError as exc:
                     fut.set_exception(exc)
                     continue
@@ -658,7 +670,7 @@ class LinkPool:
                 out.append(r)
         return out
 
-    # ------------------------------------------------------------ the stock (master end)
+    # ------------------------------------------------------------ the stock (either end)
 
     def stock_bits_for(self, master: str, slaves: list[str]) -> int:
         """Key in the ready stock for this master SAE and these slave SAEs, any key size (ETSI 014
@@ -786,22 +798,49 @@ class LinkPool:
                     break
 
     async def _stock_up(self, combo: tuple, n: int) -> bool:
-        """Cut n keys into the stock and push them to the peer; ready once it has stored them."""
+        """Put n keys agreed with the peer into the stock; ready once both ends hold them. At the
+        master end they are cut here and pushed to the peer; at the other end the master node
+        cuts them (`allocate`; it keeps the bits for its slave SAEs) and they are cut here the
+        same. Until ready, a chunk is `pushing` (a stop then leaves it to the next start, which
+        discards it at both ends)."""
         master, slaves, size_bits = combo
-        key_ids = new_key_ids(n)
-        ((handouts, exc),) = await self.vault.run(self.vault.carve_batch, self.cfg.id,
-                                                  [(key_ids, size_bits // 8, master, list(slaves), STOCK, None)])
-        if exc is not None:  # PoolExhausted: the pool has just been drawn down; try again later
-            return False
-        push = {"master": master, "slaves": list(slaves), "size": size_bits,
-                "keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
+        if self.cfg.is_master:
+            ((handouts, exc),) = await self.vault.run(self.vault.carve_batch, self.cfg.id,
+                                                      [(new_key_ids(n), size_bits // 8, master, list(slaves), STOCK,
+                                                        None)])
+            if exc is not None:  # PoolExhausted: the pool has just been drawn down; try again later
+                return False
+            push = {"master": master, "slaves": list(slaves), "size": size_bits,
+                    "keys": [{"key_ID": h.key_ID, "ranges": h.ranges} for h in handouts]}
+            try:
+                await self.peer.call(self.cfg.id, "keys", push)
+            except QkdnodeError as exc:
+                await self.vault.run(self.vault.stock_discard, self.cfg.id, [handouts[0].key_ID], "stock push failed")
+                log.warning("link %s: stock push of %d key(s) failed: %s", self.cfg.id, n, exc)
+                return False
+        else:
+            (answer,) = await self._batch_call("allocate", [{"master": master, "slaves": list(slaves), "number": n,
+                                                             "size": size_bits}])
+            try:
+                items, key_ids, ranges = self._allocated(answer, n)
+            except PoolExhausted:  # the master node's pool has just been drawn down; try again later
+                return False
+            except QkdnodeError as exc:
+                log.warning("link %s: stock allocation of %d key(s) failed: %s", self.cfg.id, n, exc)
+                return False
+            try:
+                handouts = await self.vault.run(self.vault.apply_carve, self.cfg.id, key_ids, ranges, size_bits // 8,
+                                                master, list(slaves), STOCK)
+            except CarveConflict:
+                self._in_background(self._discard_at_peer(items, "the other end could not cut these keys"))
+                return False
+            if len(handouts) != n:  # key IDs this node has seen before: not stock to rely on
+                if handouts:
+                    await self.vault.run(self.vault.stock_discard, self.cfg.id, [handouts[0].key_ID],
+                                         "the peer allocated key IDs already known here")
+                return False
+        key_ids = [h.key_ID for h in handouts]
         chunk = key_ids[0]
-        try:
-            await self.peer.call(self.cfg.id, "keys", push)
-        except QkdnodeError as exc:  # (a stop leaves them `pushing`: the next start discards them)
-            await self.vault.run(self.vault.stock_discard, self.cfg.id, [chunk], "stock push failed")
-            log.warning("link %s: stock push of %d key(s) failed: %s", self.cfg.id, n, exc)
-            return False
         await self.vault.run(self.vault.stock_ready, self.cfg.id, [chunk])
         now = time.time()
         self._stock.setdefault(combo, collections.deque()).extend((chunk, i, k, now) for i, k in enumerate(key_ids))

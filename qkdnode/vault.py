@@ -57,7 +57,7 @@ PURGE_USED_AT = 8192  # rows of used-up blocks deleted together
 
 _GEN_PREFIX = [g.to_bytes(4, "big") for g in range(256)]  # a sealed value's first 4 bytes, by generation
 Range = tuple[str, int, int]  # (block_ID, start byte, end byte) of one piece of a key
-STOCK = "stock"  # `store` of a cut at the link's master node that goes into the stock (not to an SAE yet)
+STOCK = "stock"  # `store` of a cut that goes into this node's stock (not to an SAE yet), at either end
 StockKey = tuple[str, int, str]  # (chunk ID, index in the chunk, key_ID) of a stock key
 
 
@@ -1031,11 +1031,13 @@ class Vault:
         self._write_rows(rows)
         return out
 
-    # ------------------------------------------------------------ the stock (link master end)
-    # Keys cut ahead of demand for one (master SAE, slave SAEs, size) and pushed to the peer like
-    # any hand-out: `carve_batch` with `store` STOCK writes them as one chunk row, `pushing`. They
-    # need no outbox rows: a chunk still `pushing` after its push (failed, or a crash) is discarded
-    # with `stock_discard`, whose outbox entries ask the peer to delete what it may have stored.
+    # ------------------------------------------------------------ the stock (the master SAE's node)
+    # Keys cut ahead of demand for one (master SAE, slave SAEs, size), agreed with the peer like
+    # any hand-out: at the link's master end `carve_batch` with `store` STOCK writes them as one
+    # chunk row, `pushing`, and they are pushed; at the other end `apply_carve` with STOCK writes
+    # the chunk of the keys the master node allocated. They need no outbox rows: a chunk still
+    # `pushing` (its push failed, or a crash) is discarded with `stock_discard`, whose outbox
+    # entries ask the peer to delete what it may have stored.
     # A chunk is sealed like a block: the indices issued are bound to it and their bits zeroed.
 
     def stock_ready(self, link: str, chunk_ids: list[str]) -> int:
@@ -1163,9 +1165,10 @@ class Vault:
         return out
 
     def apply_carve(self, link: str, key_ids: list[str], ranges: list[list[Range]], nbytes: int, master: str,
-                    slaves: list[str], store: bool) -> list[HandOut]:
-        """The other end of a link: cut exactly the pieces the link's master node named. A key
-        already recorded here (a repeated message) is not cut again."""
+                    slaves: list[str], store: bool | str) -> list[HandOut]:
+        """The other end of a link: cut exactly the pieces the link's master node named (`store`
+        as for `carve`: True for slave SAEs here, False for a master SAE here, STOCK for this
+        node's stock). A key already recorded here (a repeated message) is not cut again."""
         todo = [(k, r) for k, r in zip(key_ids, ranges) if not self._known_key(k)]
         if not todo:
             return []

@@ -205,17 +205,20 @@ async def test_a_failed_stock_push_and_old_stock_are_discarded_at_both_ends(pair
         assert reasons.count("stock push failed") == 4 and sum("stock older than" in r for r in reasons) == 6
 
 
-async def test_a_node_under_steady_load_serves_stock_keys_the_slave_gets_at_the_peer(network):
+@pytest.mark.parametrize("master_sae,slave_sae,node", [("sae-a1", "sae-b1", "A"), ("sae-b1", "sae-a1", "B")])
+async def test_a_node_under_steady_load_serves_stock_keys_the_slave_gets_at_the_peer(network, master_sae, slave_sae,
+                                                                                     node):
+    """At the link's master end (node A) and at its other end (node B) alike."""
     tb = await network(unlimited_key_rate=True, pool_target_bits=1 << 20)
     m = tb.manifest()
-    url = m["nodes"]["A"]["metrics"]
+    url = m["nodes"][node]["metrics"]
     gauge = f'qkdnode_pool_bits{{link="{next(iter(tb.devices))}",state="stock"}}'
-    async with SaeClient(m, "sae-a1") as a, SaeClient(m, "sae-b1") as b:
+    async with SaeClient(m, master_sae) as a, SaeClient(m, slave_sae) as b:
         got: dict[str, bytes] = {}
 
         async def steady() -> bool:                                     # ~100+ keys/s until stock shows
             for _ in range(10):
-                status, answer = await a.enc_keys("sae-b1", number=4, size=256)
+                status, answer = await a.enc_keys(slave_sae, number=4, size=256)
                 if status == 503:                                       # the pool is still filling
                     await asyncio.sleep(0.2)
                     return False
@@ -225,11 +228,72 @@ async def test_a_node_under_steady_load_serves_stock_keys_the_slave_gets_at_the_
 
         await wait_for(steady, timeout=60, interval=0.01)
         for _ in range(5):                                              # served while the stock is there
-            status, answer = await a.enc_keys("sae-b1", number=4, size=256)
+            status, answer = await a.enc_keys(slave_sae, number=4, size=256)
             assert status == 200
             got.update(bits(answer))
         ids = list(got)
         for i in range(0, len(ids), 100):
-            status, answer = await b.dec_keys("sae-a1", ids[i:i + 100])
+            status, answer = await b.dec_keys(master_sae, ids[i:i + 100])
             assert status == 200 and bits(answer) == {k: got[k] for k in ids[i:i + 100]}
         assert len(set(got.values())) == len(got)
+
+
+def other_end(master_vault: Vault, vault: Vault) -> tuple[LinkPool, LinkPool]:
+    """Node A (the link's master, vault `master_vault`) and node B (the other end), B's peer
+    calls reaching A's pool as JSON; B's SAE sae-b is the master SAE, sae-a at A the slave."""
+    from tests.test_links_batch import LoopbackPeer
+    master = LinkPool(LinkConfig(LINK, "B", "master", "etsi014", 1 << 20, 1.0, {}), "A", master_vault, None, None,
+                      NodeMetrics("A"), SAES)
+    other = LinkPool(LinkConfig(LINK, "A", "slave", "etsi014", 1 << 20, 1.0, {}), "B", vault, None,
+                     LoopbackPeer(master), NodeMetrics("B"), SAES)
+    return master, other
+
+
+async def test_steady_demand_at_the_other_end_is_served_from_its_own_stock(pair, monkeypatch):
+    """An SAE at the link's other end that asks steadily gets a stock at its own node: the
+    master node allocates it ahead of demand (and keeps the bits for the slave SAE), and later
+    requests are answered from it, not by an `allocate` of their own."""
+    a, b = pair
+    monkeypatch.setattr(links_module, "STOCK_PLAN_EVERY", 0.2)
+    master, pool = other_end(a, b)
+    combo = ("sae-b", ("sae-a",), 256)
+    loop = asyncio.create_task(pool._stock_loop())
+    try:
+        served: list = []
+        for _ in range(40):                                              # ~100 keys/s for a second
+            served += await asyncio.gather(*(pool.hand_out("sae-b", ["sae-a"], 1, 256) for _ in range(4)))
+            await asyncio.sleep(0.03)
+        await wait_for(lambda: asyncio.sleep(0, len(pool._stock.get(combo, ())) >= 64), 10)
+        stocked_before = {key_id for _, _, key_id, _ in pool._stock[combo]}
+        later = await asyncio.gather(*(pool.hand_out("sae-b", ["sae-a"], 2, 256) for _ in range(20)))
+        fresh = [h for r in later for h in r]
+        assert all(h.key_ID in stocked_before for h in fresh)               # taken from the stock
+        assert b.committed_stock_bits(LINK) // 256 == len(pool._stock[combo]) and a.committed_stock_bits(LINK) == 0
+        assert pool.stock_bits_for("sae-b", ["sae-a"]) == b.committed_stock_bits(LINK) > 0
+        # The master node has every key, with the same bits, for its slave SAE.
+        everything = [h for r in served for h in r] + fresh
+        at_a = dict(await a.run(a.deliver, "sae-a", "sae-b", [h.key_ID for h in everything]))
+        assert at_a == {h.key_ID: h.bits for h in everything}
+        assert len(at_a) == len(everything)                              # no key handed out twice
+    finally:
+        loop.cancel()
+
+
+async def test_other_end_stock_left_unconfirmed_by_a_stop_is_discarded_at_both_ends(pair):
+    a, b = pair
+    master, pool = other_end(a, b)
+    combo = ("sae-b", ("sae-a",), 256)
+    assert await pool._stock_up(combo, 8)                               # allocated, cut here: ready
+    answer = await master.on_allocate({"master": "sae-b", "slaves": ["sae-a"], "number": 5, "size": 256})
+    items = json.loads(json.dumps(answer["keys"]))                      # allocated, cut, stopped before ready
+    await b.run(b.apply_carve, LINK, [i["key_ID"] for i in items], [ranges_of(i) for i in items], 32, "sae-b",
+                ["sae-a"], STOCK)
+    assert (await a.run(a.check))["keys"]["waiting"] == 13
+    _, again = other_end(a, b)                                          # node B starts again
+    again.peer.other = master
+    await again._load_stock()
+    assert len(again._stock[combo]) == 8 and b.committed_stock_bits(LINK) == 8 * 256
+    await again.flush_outbox()                                          # the master node deletes its copies
+    assert (await a.run(a.check))["keys"]["waiting"] == 8
+    got = await again.hand_out("sae-b", ["sae-a"], 3, 256)
+    assert len(got) == 3 and [v for v, _ in again.peer.calls] == ["discard"]   # from the stock
