@@ -3,6 +3,7 @@ SIGKILL at random moments, again and again. After every restart: no ready key is
 and no bit is handed out twice, every answered hand-out is durable, and the audit agrees with
 the pool. QKDNODE_CRASH_ROUNDS sets the number of kills (default 100; more in a slow run)."""
 
+import hashlib
 import json
 import os
 import random
@@ -13,9 +14,10 @@ import time
 import uuid
 from pathlib import Path
 
-
+import pytest
 
 from qkdnode.vault import Vault
+from tests.vault_worker import master_of
 
 LINK, KEY_BYTES = "A-B", 32
 ROUNDS = int(os.environ.get("QKDNODE_CRASH_ROUNDS", "100"))
@@ -38,14 +40,16 @@ def kill_soon(proc: subprocess.Popen, rng: random.Random) -> list[str]:
     return out.splitlines()[:-1] if out and not out.endswith("\n") else out.splitlines()
 
 
-def fresh_vault(db: Path, key: bytes, blocks: int, block_bytes: int) -> int:
-    v = Vault(db, key).open(create=True)
-    try:
-        import asyncio
-        asyncio.run(v.run(v.add_blocks, LINK, [(str(uuid.uuid4()), os.urandom(block_bytes)) for _ in range(blocks)],
-                          "ready"))
-    finally:
-        v.close()
+def fresh_vault(db: Path, key: bytes, blocks: int, block_bytes: int, twin: Path | None = None) -> int:
+    """A new vault with `blocks` ready blocks of link key; `twin`: the peer node's, with the same."""
+    import asyncio
+    made = [(str(uuid.uuid4()), os.urandom(block_bytes)) for _ in range(blocks)]
+    for path in (db, twin) if twin else (db,):
+        v = Vault(path, key).open(create=True)
+        try:
+            asyncio.run(v.run(v.add_blocks, LINK, made, "ready"))
+        finally:
+            v.close()
     return blocks * block_bytes
 
 
@@ -100,15 +104,19 @@ def test_sigkill_during_concurrent_hand_outs_loses_nothing_and_repeats_nothing(t
     assert len(answered) > ROUNDS                     # the victims did real work between kills
 
 
-def test_sigkill_while_keys_are_stocked_and_issued_from_the_stock_loses_nothing_and_repeats_nothing(tmp_path):
+@pytest.mark.parametrize("mode", ["stock", "stock-other-end"])
+def test_sigkill_while_keys_are_stocked_and_issued_from_the_stock_loses_nothing_and_repeats_nothing(tmp_path, mode):
+    """At the link's master end (cut here), and at its other end (the master node's vault cuts
+    first, in the same process, then the keys are cut here from the ranges it named)."""
     rng = random.Random(int(os.environ.get("QKDNODE_CRASH_SEED", "4242")) + 1)
     rounds = max(ROUNDS // 2, 10)
     db, key = tmp_path / "vault.db", os.urandom(32)
-    total = fresh_vault(db, key, blocks=rounds * 40, block_bytes=48)
+    master = master_of(db) if mode == "stock-other-end" else None
+    total = fresh_vault(db, key, blocks=rounds * 40, block_bytes=48, twin=master)
     answered: dict[str, tuple] = {}
     used: set[tuple[str, int]] = set()
     for round_no in range(rounds):
-        take_answers(kill_soon(start(db, key, "stock"), rng), answered, used, round_no)
+        take_answers(kill_soon(start(db, key, mode), rng), answered, used, round_no)
         v = Vault(db, key).open()
         try:
             import asyncio
@@ -135,6 +143,15 @@ def test_sigkill_while_keys_are_stocked_and_issued_from_the_stock_loses_nothing_
     digests = [d for _, d in answered.values()]
     assert len(set(digests)) == len(digests)
     assert len(answered) > rounds
+    if master is not None:  # the master node holds every answered key, with the same bits, for its slave SAE
+        import asyncio
+        v = Vault(master, key).open()
+        try:
+            kept = dict(asyncio.run(v.run(v.deliver, "sae-b", "sae-a", list(answered))))
+        finally:
+            v.close()
+        assert {k: hashlib.sha256(b).hexdigest()[:16] for k, b in kept.items()} == \
+            {k: d for k, (_, d) in answered.items()}
 
 
 def test_data_key_rotation_killed_midway_resumes_and_every_row_stays_readable(tmp_path):

@@ -2,6 +2,7 @@
 
     python -m tests.vault_worker DB MASTER_KEY_HEX handout   # concurrent hand-outs, one line per answer
     python -m tests.vault_worker DB MASTER_KEY_HEX stock     # keys stocked ahead, then issued from the stock
+    python -m tests.vault_worker DB MASTER_KEY_HEX stock-other-end   # the same at the link's other end
     python -m tests.vault_worker DB MASTER_KEY_HEX rotate    # data key rotation in small batches
 
 A hand-out's line is printed only after its commit returned: the line is the answer an SAE
@@ -40,10 +41,17 @@ async def handout(vault: Vault) -> None:
     await asyncio.gather(*(requester() for _ in range(REQUESTERS)))
 
 
-async def stock(vault: Vault) -> None:
-    """What a link's master node does with its stock: at start, stock left `pushing` is discarded
-    and `ready` stock serves again; then keys are stocked four at a time (the push to the peer
-    left out) and issued one by one."""
+def master_of(db: Path) -> Path:
+    """stock-other-end: the vault of the link's master node, beside the victim's."""
+    return db.with_name(db.name + ".master")
+
+
+async def stock(vault: Vault, master: Vault | None = None) -> None:
+    """What a node does with its stock: at start, stock left `pushing` is discarded and `ready`
+    stock serves again; then keys are stocked four at a time and issued one by one. At the link's
+    master end (`master` None) they are cut here (the push to the peer left out); at the other end
+    the master node's vault cuts them for its slave SAE first (`allocate`), then they are cut here
+    from the ranges it named."""
     rows = await vault.run(vault.stock_rows, LINK)
     pushing = [chunk for chunk, _, _, _, state, _, _ in rows if state == "pushing"]
     if pushing:
@@ -54,10 +62,18 @@ async def stock(vault: Vault) -> None:
         while True:
             if not mine:
                 ids = [str(uuid.uuid4()) for _ in range(4)]
-                ((_, exc),) = await vault.run(vault.carve_batch, LINK, [(ids, KEY_BYTES, "sae-a", ["sae-b"], STOCK,
-                                                                         None)])
-                if exc is not None:
-                    return
+                if master is None:
+                    ((_, exc),) = await vault.run(vault.carve_batch, LINK, [(ids, KEY_BYTES, "sae-a", ["sae-b"], STOCK,
+                                                                             None)])
+                    if exc is not None:
+                        return
+                else:
+                    ((allocated, exc),) = await master.run(master.carve_batch, LINK, [(ids, KEY_BYTES, "sae-a",
+                                                                                       ["sae-b"], True)])
+                    if exc is not None:
+                        return
+                    await vault.run(vault.apply_carve, LINK, ids, [h.ranges for h in allocated], KEY_BYTES, "sae-a",
+                                    ["sae-b"], STOCK)
                 await vault.run(vault.stock_ready, LINK, [ids[0]])
                 mine = [(ids[0], i, k) for i, k in enumerate(ids)]
             ((handouts, exc),) = await vault.run(vault.issue_stock, LINK, [([mine.pop()], "sae-a", ["sae-b"],
@@ -80,8 +96,12 @@ async def rotate(vault: Vault) -> None:
 def main() -> None:
     db, key_hex, mode = sys.argv[1:4]
     vault = Vault(Path(db), bytes.fromhex(key_hex)).open()
+    master = Vault(master_of(Path(db)), bytes.fromhex(key_hex)).open() if mode == "stock-other-end" else None
     say("READY")
-    asyncio.run({"handout": handout, "stock": stock, "rotate": rotate}[mode](vault))
+    if master is not None:
+        asyncio.run(stock(vault, master))
+    else:
+        asyncio.run({"handout": handout, "stock": stock, "rotate": rotate}[mode](vault))
     say("DONE")
     vault.close()
 
