@@ -213,7 +213,8 @@ class LinkPool:
             # (Blocks of an offer still under way are pending too: never offered again beside it.)
             pending = await self.vault.run(self.vault.pending_blocks, self.cfg.id)
             if pending:
-                await self._offer(pending, None, await self.vault.run(self.vault.pending_parts, self.cfg.id))
+                parts, pa = await self.vault.run(self.vault.pending_offers, self.cfg.id)
+                await self._offer(pending, pa, parts)
         # Ready and pending key as of the vault's last commit: no vault round trip (under load it
         # would wait behind the hand-outs' commits every round). Blocks of an offer still under
         # way are pending, so they count.
@@ -273,7 +274,7 @@ class LinkPool:
         close_group()
         if not final:
             return False
-        await self.vault.run(self.vault.add_blocks, self.cfg.id, final, "pending", parts)
+        await self.vault.run(self.vault.add_blocks, self.cfg.id, final, "pending", parts, pa)
         if full and got < want:
             # The device has more: fetch the next round while the peer confirms this one.
             await self._offer_slots.acquire()
@@ -311,8 +312,8 @@ class LinkPool:
         """Offer blocks by keyed digest. Blocks in `pa` were privacy-amplified here; the peer
         applies the same Toeplitz seed to its copy before it compares. A block in `parts` is the
         device's blocks of those IDs end to end (stored as one, named by the first); the peer
-        fetches them all and joins them the same way. After a restart the seeds are gone: such
-        pending blocks are offered without them and the peer discards them."""
+        fetches them all and joins them the same way. Both are kept with the pending blocks in
+        the vault, so an offer made again (after an outage or a restart) carries them too."""
         salt = secrets.token_bytes(16)
         pa, parts = pa or {}, parts or {}
         offers = [{"block_ID": bid, "size": len(bits), "digest": block_digest(salt, self.cfg.id, bid, bits),

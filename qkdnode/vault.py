@@ -248,7 +248,7 @@ class _Redo(Exception):
 # again when a group is re-run. Any other operation (key rotation, export) runs in a group of
 # its own, under a savepoint, exactly once.
 _RERUNNABLE = frozenset({
-    "add_blocks", "pending_blocks", "pending_parts", "ready_block_ids", "settle_blocks", "free_bytes", "held_bytes", "carve",
+    "add_blocks", "pending_blocks", "pending_offers", "ready_block_ids", "settle_blocks", "free_bytes", "held_bytes", "carve",
     "carve_batch", "apply_carve", "apply_carve_batch", "store_relayed", "record_issued", "discard_key", "deliver", "outbox_items", "outbox_done",
     "outbox_to_discard", "pool_bits", "counts", "prune_audit", "stock_ready", "issue_stock", "stock_discard",
     "stock_rows",
@@ -330,9 +330,13 @@ class Vault:
                     raise VaultError(f"{self.path} is an SQLite file but not a qkdnode vault")
                 self._create_schema(db)
             self._unlock(conn)
-            if exclusive and "parts" not in {c for _, c, *_ in conn.execute("PRAGMA table_info(blocks)")}:
+            columns = {c for _, c, *_ in conn.execute("PRAGMA table_info(blocks)")}
+            if exclusive and "parts" not in columns:
                 # Added after the first release: the device blocks a joined block is made of (IDs only).
                 conn.execute("ALTER TABLE blocks ADD COLUMN parts TEXT")
+            if exclusive and "pa" not in columns:
+                # Added later: the privacy amplification of a pending block (public seed, output size).
+                conn.execute("ALTER TABLE blocks ADD COLUMN pa TEXT")
             if exclusive:  # added later still: the stock of keys agreed ahead of demand
                 self._create_stock(conn)
             self._totals = {(link, state): free for link, state, free in
@@ -378,7 +382,7 @@ class Vault:
         db["meta"].create({"name": str, "value": bytes}, pk="name")
         db["blocks"].create(
             {"link": str, "block_id": str, "state": str, "size": int, "free": int, "carved": str,
-             "sealed": bytes, "created": float, "parts": str},
+             "sealed": bytes, "created": float, "parts": str, "pa": str},
             pk=("link", "block_id"),
         )
         db["blocks"].create_index(["link", "state", "created"])
@@ -663,19 +667,23 @@ class Vault:
     # Each method below runs in the writer thread (call it through `run`).
 
     def add_blocks(self, link: str, blocks: list[tuple[str, bytes]], state: str,
-                   parts: dict[str, list[str]] | None = None) -> list[str]:
-        """Store link key blocks as `pending` (master, before the peer confirmed) or `ready`;
-        `parts` names the device blocks a block joins (kept so that it can be offered again).
-        Blocks already held are left as they are; returns the IDs newly stored."""
+                   parts: dict[str, list[str]] | None = None, pa: dict[str, dict] | None = None) -> list[str]:
+        """Store link key blocks as `pending` (master, before the peer confirmed) or `ready`.
+        Kept so that a pending block can be offered again (after an outage or a restart): `parts`,
+        the device blocks a block joins, and `pa`, the privacy amplification that made a block
+        (its public Toeplitz seed and output size), which the peer applies to its copy. Blocks
+        already held are left as they are; returns the IDs newly stored."""
         added, audit, total, now = [], [], 0, time.time()
-        parts = parts or {}
-        insert = "INSERT OR IGNORE INTO blocks (link, block_id, state, size, free, carved, sealed, created, parts) " \
-                 "VALUES (?,?,?,?,?,?,?,?,?)"
+        parts, pa = parts or {}, pa or {}
+        insert = "INSERT OR IGNORE INTO blocks (link, block_id, state, size, free, carved, sealed, created, parts, " \
+                 "pa) VALUES (?,?,?,?,?,?,?,?,?,?)"
         for block_id, bits in blocks:
             size = len(bits)
             sealed = self._seal(self._block_aad(link, block_id, state, size, "[]"), bits)
             joined = json.dumps(parts[block_id]) if block_id in parts else None
-            if not self._conn.execute(insert, (link, block_id, state, size, size, "[]", sealed, now, joined)).rowcount:
+            amplified = json.dumps(pa[block_id]) if block_id in pa else None
+            if not self._conn.execute(insert, (link, block_id, state, size, size, "[]", sealed, now, joined,
+                                               amplified)).rowcount:
                 continue  # held already
             added.append(block_id)
             total += size
@@ -698,11 +706,18 @@ class Vault:
         return [(bid, self._open(self._block_aad(link, bid, "pending", size, carved), sealed, f"block {bid}"))
                 for bid, size, carved, sealed in rows]
 
-    def pending_parts(self, link: str) -> dict[str, list[str]]:
-        """The device blocks each pending joined block of a link is made of."""
-        rows = self._conn.execute("SELECT block_id, parts FROM blocks WHERE link=? AND state='pending' "
-                                  "AND parts IS NOT NULL", (link,))
-        return {bid: json.loads(p) for bid, p in rows}
+    def pending_offers(self, link: str) -> tuple[dict[str, list[str]], dict[str, dict]]:
+        """What offering a link's pending blocks again takes besides their bits (`add_blocks`):
+        the device blocks each joined block is made of, and each amplified block's `pa`."""
+        parts, pa = {}, {}
+        for bid, joined, amplified in self._conn.execute(
+                "SELECT block_id, parts, pa FROM blocks WHERE link=? AND state='pending' "
+                "AND (parts IS NOT NULL OR pa IS NOT NULL)", (link,)):
+            if joined is not None:
+                parts[bid] = json.loads(joined)
+            if amplified is not None:
+                pa[bid] = json.loads(amplified)
+        return parts, pa
 
     def ready_block_ids(self, link: str, block_ids: list[str]) -> set[str]:
         found = set()

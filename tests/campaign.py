@@ -147,13 +147,14 @@ Bugs the campaign found, each fixed in its own commit with the test that catches
   matrix, and fell back to "not shown" without it (the series is there only while the module answers,
   and it was missing at that moment in the first long run): those rows passed on service and recovery
   only, and the channel-loss row was never checked for a sign of the fault.
+- A CV-QKD block offered while the peer failed (e.g. the receiver hung) stayed pending at the master end
+  and was offered again later without its privacy-amplification seed (kept only for the offer), so the
+  other end discarded it (`pa`): 2-3 blocks per receiver fault in the rerun; key wasted, none served
+  wrongly. The seed is now kept with the pending block in the vault (`blocks.pa`). Test:
+  `test_links_batch.py::test_a_privacy_amplified_block_offered_again_carries_its_seed_and_is_not_lost`.
 
 Open:
 
-- A CV-QKD block offered while the peer fails (e.g. the receiver hangs) stays pending at the master end
-  and is offered again later, but without its privacy-amplification seed (kept only for the offer), so
-  the other end discards it (`pa`): 2-3 blocks per receiver fault in the rerun. Key is wasted, none is
-  served wrongly.
 - Recovery after a long device outage is bounded by the fill loop's backoff (up to 30 s between attempts)
   rather than by the device: the rows' resume times above include it.
 """

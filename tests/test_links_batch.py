@@ -5,6 +5,7 @@ result (docs/performance.md, issue 10)."""
 import asyncio
 import json
 import os
+import uuid
 
 import pytest
 
@@ -223,3 +224,75 @@ async def test_many_requests_at_once_at_either_end_are_served_with_the_same_bits
                                              for i in range(0, len(ids), 128)))
             assert all(s == 200 for s, _ in fetched)
             assert {k: v for _, x in fetched for k, v in bits(x).items()} == got
+
+
+class LeakySource:
+    """Both ends' view of a CV-QKD-like device: blocks with a leakage estimate, by ID (a unit
+    test of the agreement logic; tests/test_cvqkd.py drives the real driver on a serial line)."""
+
+    def __init__(self, blocks: dict[str, bytes], leaked_bits: int):
+        self.blocks, self.leaked_bits, self.handed = blocks, leaked_bits, False
+
+    async def connect(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def fetch_new(self, max_bits: int):
+        from qkdnode.interfaces import KeyBlock
+        if self.handed:
+            return []
+        self.handed = True
+        return [KeyBlock(bid, bytearray(b), self.leaked_bits) for bid, b in self.blocks.items()]
+
+    async def fetch_by_ids(self, block_ids: list[str]):
+        from qkdnode.interfaces import KeyBlock
+        return [KeyBlock(bid, bytearray(self.blocks[bid]), self.leaked_bits) for bid in block_ids]
+
+
+async def test_a_privacy_amplified_block_offered_again_carries_its_seed_and_is_not_lost(tmp_path):
+    """A block amplified at the master end whose offer fails (the peer is down) stays pending and is
+    offered again, after the outage or after a restart, with the same seed: the other end
+    amplifies its copy the same way and both store the same key. (Before, the seed was kept only
+    for the first offer: the other end refused the block (`pa`) and the key was lost.)"""
+    from qkdnode.errors import PeerUnavailable
+    a, b = (Vault(tmp_path / f"{n}.db", os.urandom(32)) for n in "ab")
+    for v in (a, b):
+        await asyncio.to_thread(v.open, True)
+    device = {str(uuid.uuid4()): os.urandom(1024) for _ in range(2)}       # 8192-bit blocks
+    saes = {"sae-a": "A", "sae-b": "B"}
+    other = LinkPool(LinkConfig(LINK, "A", "slave", "cvqkd", 1 << 20, 1.0, {}), "B", b, LeakySource(device, 2000),
+                     None, NodeMetrics("B"), saes)
+
+    class DownThenUp(LoopbackPeer):
+        down = True
+
+        async def call(self, link, verb, body, timeout=15.0):
+            if self.down:
+                raise PeerUnavailable("peer node B: connection refused (test)")
+            return await super().call(link, verb, body, timeout)
+
+    module = LeakySource(device, 2000)                                   # hands each new block out once
+
+    def master_pool() -> LinkPool:
+        return LinkPool(LinkConfig(LINK, "B", "master", "cvqkd", 1 << 20, 1.0, {}), "A", a, module,
+                        DownThenUp(other), NodeMetrics("A"), saes)
+    try:
+        first = master_pool()
+        with pytest.raises(PeerUnavailable):
+            await first.fill_once()                                      # amplified, stored pending, offer fails
+        pending = a.committed_pool_bits(LINK)["pending"]
+        assert 0 < pending < 2 * 8192                                    # shorter than the device blocks
+        again = master_pool()                                            # the node restarted (an outage ending
+        again.peer.down = False                                          # takes the same path: the vault's copy)
+        await again.fill_once()                                          # offered again: both ends agree
+        assert a.committed_pool_bits(LINK) == {"pending": 0, "ready": pending}
+        assert b.committed_pool_bits(LINK) == {"pending": 0, "ready": pending}
+        assert [k for k in (await b.run(b.check))["blocks"]] == [f"{LINK}/ready"]
+        key_a = await a.run(a.carve, LINK, new_ids(1), pending // 8, "sae-a", ["sae-b"], False)
+        assert (await b.run(b.apply_carve, LINK, [key_a[0].key_ID], [key_a[0].ranges], pending // 8, "sae-a",
+                            ["sae-b"], True))[0].bits == key_a[0].bits  # the same final key at both ends
+    finally:
+        for v in (a, b):
+            await asyncio.to_thread(v.close)
