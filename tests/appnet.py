@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
-import socket
 import ssl
 from pathlib import Path
 
@@ -20,27 +18,11 @@ import aiohttp
 
 from hil.kme import KmePair
 from hil.pki import ThrowawayPKI, write_private
+from hil.testbed import free_port  # never hands a port out twice in this process (the testbeds' too)
 from qkdnode import config
 from qkdnode.node import Node
 
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range, so nothing else takes it before the node binds it."""
-    try:
-        lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        lo = 32768
-    for _ in range(200):
-        port = random.randrange(10000, lo)
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 class AppNet:
