@@ -234,10 +234,10 @@ class LeakySource:
         self.blocks, self.leaked_bits, self.handed = blocks, leaked_bits, False
 
     async def connect(self) -> None:
-        pass
+        """Nothing to open: the module's blocks are in memory."""
 
     async def close(self) -> None:
-        pass
+        """Nothing to close."""
 
     async def fetch_new(self, max_bits: int):
         from qkdnode.interfaces import KeyBlock
